@@ -1,0 +1,242 @@
+"""One typed config: a dataclass filled from a YAML preset plus command-line overrides.
+
+``--preset NAME`` reads ``configs/NAME.yaml``; every field is also a flag (``--epochs 5``,
+``--alpha 12``, ``--eps 8/255``). The resolved config is saved as ``config.yaml`` in the run
+folder, so a run can be reproduced (and evaluated) from its folder alone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+from errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+LOSSES = ("gkl", "ikl", "dkl", "trades", "pgd-at", "ce")
+EPS_SCHEDULES = ("linear", "constant")
+ATTACK_BUDGETS = ("effective", "staged", "low", "fixed")
+LR_SCHEDULES = ("cosine-epoch", "cosine-step", "constant")
+AVERAGING = ("epoch-ema", "step-ema", "none")
+WEIGHT_SOURCES = ("class", "sample", "uniform")
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def parse_eps(value: Any) -> float:
+    """Accept ``8``, ``8/255``, ``0.0314`` (or a float) and return the radius in [0, 1] units.
+
+    A bare number > 1 is read as x/255, the convention of the field's papers.
+    """
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            eps = float(num) / float(den)
+        else:
+            eps = float(text)
+            if eps > 1:
+                eps = eps / 255.0
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"cannot read epsilon {value!r}: write it as 8, 8/255 or 0.0314") from None
+    if not math.isfinite(eps) or eps < 0 or eps > 1:
+        raise UserError(f"epsilon {value!r} is outside [0, 1] for images in [0, 1]: use e.g. 8/255")
+    return eps
+
+
+def eps_str(eps: float) -> str:
+    """Format a radius as ``x/255`` (as the paper's tables do)."""
+    return f"{eps * 255:g}/255"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (defaults: the paper's CIFAR-100 GKL-AT row)."""
+
+    # data
+    dataset: str = "cifar100"
+    data_dir: str = "./datasets"
+    download: bool = False
+    augment: str = "basic"  # none | crop | basic | autoaug (two-view)
+    aug_weight: float = 0.5  # weight of the AutoAugment view's robust loss
+    generated: Optional[str] = None  # folder of generated-data shards (DM-AT)
+    generated_fraction: float = 0.7
+    val_size: int = 1000  # training images held out for per-epoch metrics and `best`
+    # model
+    arch: str = "wrn-34-10"
+    sync_bn: bool = False
+    # loss
+    loss: str = "gkl"
+    alpha: float = 20.0  # wMSE weight (paper's name)
+    beta: float = 5.0  # soft-label CE weight (paper's name)
+    gamma: float = 1.0  # smoothing exponent of the weights
+    tau: float = 4.0  # temperature of the class-wise score bank
+    weight_source: str = "class"  # class (bank) | sample | uniform
+    trades_beta: float = 6.0  # KL weight of the `trades` loss
+    label_smoothing: float = 0.0
+    # attack used for training
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    eps_schedule: str = "linear"
+    attack_budget: str = "effective"
+    attack_steps: int = 10  # used when attack_budget = fixed
+    attack_step_size: float = 2 / 255  # used when attack_budget = fixed
+    # AWP
+    awp_gamma: float = 0.005  # 0 disables AWP
+    awp_warmup: int = 10  # first epoch with AWP
+    # optimisation
+    epochs: int = 200
+    batch_size: int = 128  # global batch
+    lr: float = 0.2
+    lr_schedule: str = "cosine-epoch"
+    warmup_epochs: int = 0
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    # weight averaging
+    averaging: str = "epoch-ema"
+    avg_decay: float = 0.9  # epoch-ema: avg = decay*avg + (1-decay)*w at each epoch end
+    avg_start_epoch: int = 1
+    step_ema_decay: float = 0.995
+    step_ema_warmup: int = 0  # steps before the per-step EMA starts to average
+    # run
+    seed: int = 0
+    workers: int = 0
+    eval_subset: int = 500  # held-out images used for per-epoch natural / PGD accuracy
+    eval_pgd_steps: int = 10
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    keep_checkpoints: int = 2  # rolling epoch checkpoints kept besides last and best
+    device: str = "auto"
+    amp: str = "auto"  # bf16 autocast on CUDA when auto
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    preset: Optional[str] = None
+
+    def validate(self) -> "TrainConfig":
+        from data import AUGMENTATIONS, DATASETS
+        from models import MODELS
+
+        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": tuple(MODELS), "loss": LOSSES,
+                   "eps_schedule": EPS_SCHEDULES, "attack_budget": ATTACK_BUDGETS,
+                   "lr_schedule": LR_SCHEDULES, "averaging": AVERAGING, "weight_source": WEIGHT_SOURCES,
+                   "amp": AMP_MODES, "norm": ("Linf", "L2")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "
+                                f"{', '.join(allowed)}")
+        positive = ("epochs", "batch_size", "lr")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("alpha", "beta", "trades_beta", "awp_gamma", "weight_decay", "tau", "val_size",
+                     "eval_subset", "checkpoint_every_steps", "warmup_epochs", "workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.tau <= 0:
+            raise UserError(f"--tau must be > 0, got {self.tau}")
+        for name in ("gamma", "avg_decay", "step_ema_decay", "generated_fraction", "label_smoothing"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_epochs >= self.epochs:
+            raise UserError(f"--warmup-epochs {self.warmup_epochs} must be smaller than --epochs {self.epochs}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown config key(s) {', '.join(unknown)}; see --print-config for the keys")
+        return cls(**_coerce_all(cls, d))
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if get_origin(tp) is not None:  # Optional[X]
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    if name in ("eps", "attack_step_size"):
+        return parse_eps(value)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--{name.replace('_', '-')} expects {tp.__name__}, got {value!r}") from None
+
+
+def _coerce_all(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {k: _coerce(k, hints[k], v) for k, v in d.items()}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per config field, all defaulting to None (= keep the preset's value)."""
+    hints = get_type_hints(TrainConfig)
+    group = parser.add_argument_group("config overrides (any key of the config)")
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        tp = hints[f.name]
+        metavar = "BOOL" if tp is bool else f.name.upper()
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
+                           metavar=metavar, help=f"(default {f.default!r})")
+
+
+def build_config(preset: Optional[str], args: argparse.Namespace, base: Optional[dict] = None) -> TrainConfig:
+    """Preset (or ``base``) values, then command-line overrides; type-checked and validated."""
+    values: dict[str, Any] = dict(base or {})
+    if preset is not None:
+        values.update(load_preset(preset))
+        values["preset"] = preset
+    for f in fields(TrainConfig):
+        v = getattr(args, f"cfg_{f.name}", None)
+        if v is not None:
+            values[f.name] = v
+    return TrainConfig.from_dict(values).validate()
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
