@@ -68,9 +68,15 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            i, seed = key
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.dataset[i]
-        return self.dataset[key]
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        i, seed = key
+        # Only the CPU generator drives the transforms; torch.manual_seed would also reseed every
+        # accelerator generator (about 100x slower per item).
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(seed)
+        try:
+            return self.dataset[i]
+        finally:
+            gen.set_state(state)

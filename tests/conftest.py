@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per test process: on a loaded 2-core machine OpenMP spin-waiting makes 2 threads ~10x slower.
+torch.set_num_threads(1)
 
 
 def _digits_tensors(train: bool) -> tuple[torch.Tensor, torch.Tensor]:

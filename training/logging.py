@@ -1,0 +1,54 @@
+"""Per-epoch log rows: kept in memory (and in every checkpoint), written as CSV, plotted."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+class History:
+    """The run's per-epoch metrics; ``write`` rewrites ``log.csv`` atomically from the rows."""
+
+    def __init__(self, csv_path: Path) -> None:
+        self.csv_path = Path(csv_path)
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self.rows.append(dict(row))
+
+    def write(self) -> None:
+        if not self.rows:
+            return
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        os.replace(tmp, self.csv_path)
+
+    def plot(self, path: Path) -> None:
+        """Training curves: loss parts, held-out natural/PGD accuracy (raw and averaged), eps and lr."""
+        if not self.rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        df = pd.DataFrame(self.rows)
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for col in ("train_loss", "train_ce", "train_soft_ce", "train_wmse", "train_kl"):
+            if col in df and df[col].abs().sum() > 0:
+                axes[0].plot(df.epoch, df[col], label=col.removeprefix("train_"))
+        axes[0].set(title="training loss", xlabel="epoch")
+        for col, style in (("val_clean", "-"), ("val_pgd", "-"), ("val_clean_avg", "--"), ("val_pgd_avg", "--")):
+            if col in df:
+                axes[1].plot(df.epoch, df[col], style, label=col.removeprefix("val_"))
+        axes[1].set(title="held-out accuracy", xlabel="epoch", ylim=(0, 1))
+        axes[2].plot(df.epoch, df.eps_x255, label="eps x255")
+        ax2 = axes[2].twinx()
+        ax2.plot(df.epoch, df.lr, "r", label="lr")
+        axes[2].set(title="schedules", xlabel="epoch")
+        for ax in axes[:3]:
+            ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

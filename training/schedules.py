@@ -1,0 +1,86 @@
+"""Schedules as pure functions of the epoch (and step): nothing to save for resume.
+
+Epochs are 1-based, as in the spec: epoch e of E.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+
+class AttackBudget(NamedTuple):
+    eps: float
+    steps: int
+    step_size: float
+
+
+def eps_at_epoch(eps: float, epoch: int, epochs: int, schedule: str = "linear") -> float:
+    """``linear``: eps * e / E (the released scripts); ``constant``: eps."""
+    if schedule == "constant":
+        return eps
+    if schedule == "linear":
+        return eps * epoch / epochs
+    raise ValueError(f"unknown eps schedule {schedule!r}")
+
+
+def attack_budget(eps: float, epoch: int, epochs: int, *, eps_schedule: str = "linear",
+                  budget: str = "effective", steps: int = 10, step_size: float = 2 / 255) -> AttackBudget:
+    """Radius, step count and step size of the training attack at ``epoch``.
+
+    ``effective``: K=5, step eps_t/2 every epoch (what the released scripts run: their four
+    ``if`` without ``elif`` leave the last stage in force). ``staged``: the intended stages
+    (K=2 step eps_t; K=3 step 2eps_t/3; K=4 step eps_t/2; K=5 step eps_t/2 by quarters).
+    ``low``: K=2, step eps_t. ``fixed``: ``steps`` and ``step_size`` as given (classic TRADES).
+    """
+    eps_t = eps_at_epoch(eps, epoch, epochs, eps_schedule)
+    if budget == "effective":
+        return AttackBudget(eps_t, 5, eps_t / 2)
+    if budget == "low":
+        return AttackBudget(eps_t, 2, eps_t)
+    if budget == "fixed":
+        return AttackBudget(eps_t, steps, step_size)
+    if budget == "staged":
+        if epoch <= epochs / 4:
+            return AttackBudget(eps_t, 2, eps_t)
+        if epoch <= epochs / 2:
+            return AttackBudget(eps_t, 3, 2 * eps_t / 3)
+        if epoch <= 3 * epochs / 4:
+            return AttackBudget(eps_t, 4, eps_t / 2)
+        return AttackBudget(eps_t, 5, eps_t / 2)
+    raise ValueError(f"unknown attack budget {budget!r}")
+
+
+def lr_at(lr: float, epoch: int, epochs: int, *, schedule: str = "cosine-epoch", warmup_epochs: int = 0,
+          step: int = 0, steps_per_epoch: int = 1) -> float:
+    """Learning rate for ``step`` (0-based) of ``epoch`` (1-based).
+
+    ``cosine-epoch`` (released scripts): lr * 0.5 * (1 + cos(pi * (e - w) / (E - w + 1))), constant
+    within an epoch, linear warm-up lr * e / w for e <= w. ``cosine-step``: the same curve evaluated
+    at the fractional epoch, so it changes every step. ``constant``: lr.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine-epoch":
+        t = float(epoch)
+    elif schedule == "cosine-step":
+        t = epoch - 1 + (step + 1) / steps_per_epoch
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}")
+    w = warmup_epochs
+    if w > 0 and t <= w:
+        return lr * t / w
+    return lr * 0.5 * (1 + math.cos(math.pi * (t - w) / (epochs - w + 1)))
+
+
+def schedule_table(cfg, epochs_to_show: list[int] | None = None) -> list[dict]:
+    """Rows of (epoch, eps_t, K, step, lr) for printing and tests."""
+    E = cfg.epochs
+    shown = epochs_to_show or sorted({1, max(1, E // 4), E // 4 + 1, max(1, E // 2), max(1, 3 * E // 4), E})
+    rows = []
+    for e in shown:
+        b = attack_budget(cfg.eps, e, E, eps_schedule=cfg.eps_schedule, budget=cfg.attack_budget,
+                          steps=cfg.attack_steps, step_size=cfg.attack_step_size)
+        rows.append({"epoch": e, "eps_x255": b.eps * 255, "steps": b.steps, "step_x255": b.step_size * 255,
+                     "lr": lr_at(cfg.lr, e, E, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs),
+                     "awp": cfg.awp_gamma > 0 and e >= cfg.awp_warmup})
+    return rows
