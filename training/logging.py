@@ -42,11 +42,12 @@ class History:
         for col, style in (("val_clean", "-"), ("val_pgd", "-"), ("val_clean_avg", "--"), ("val_pgd_avg", "--")):
             if col in df:
                 axes[1].plot(df.epoch, df[col], style, label=col.removeprefix("val_"))
-        axes[1].set(title="held-out accuracy", xlabel="epoch", ylim=(0, 1))
+        axes[1].set(title="held-out accuracy (PGD at the final eps)", xlabel="epoch", ylim=(0, 1))
         axes[2].plot(df.epoch, df.eps_x255, label="eps x255")
         ax2 = axes[2].twinx()
-        ax2.plot(df.epoch, df.lr, "r", label="lr")
-        axes[2].set(title="schedules", xlabel="epoch")
+        ax2.plot(df.epoch, df.lr, "r")
+        ax2.set_ylabel("learning rate", color="r")
+        axes[2].set(title="schedules", xlabel="epoch", ylabel="train eps x255")
         for ax in axes[:3]:
             ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
