@@ -20,7 +20,9 @@ install: $(STAMP)
 quickstart: install
 	$(BIN)/python train_at.py --preset quickstart --out $(QS)/gkl --overwrite --no-progress
 	$(BIN)/python train_at.py --preset quickstart --loss ce --out $(QS)/ce --overwrite --no-progress
-	$(BIN)/python eval_autoattack.py $(QS)/gkl $(QS)/ce --attacks clean pgd20 aa --eps 32/255 --n-ex 200
+	$(BIN)/python eval_autoattack.py $(QS)/ce --attacks clean pgd20 aa --eps 16/255 --n-ex 200 --quiet
+	$(BIN)/python eval_autoattack.py $(QS)/gkl --attacks clean pgd20 aa --eps 16/255 --n-ex 200 --quiet
+	$(BIN)/python -m evaluation.compare $(QS)/ce $(QS)/gkl
 
 test: install
 	$(BIN)/python -m pytest; rc=$$?; \

@@ -35,3 +35,9 @@ class SmallCNN(nn.Module):
 @register("small-cnn")
 def small_cnn(num_classes: int = 10, width: int = 32, **_: object) -> nn.Module:
     return SmallCNN(num_classes, width)
+
+
+@register("tiny-cnn")
+def tiny_cnn(num_classes: int = 10, **_: object) -> nn.Module:
+    """SmallCNN at width 16 (~25k parameters): the CPU quickstart's net, cheap enough for AutoAttack."""
+    return SmallCNN(num_classes, width=16)
