@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,12 +18,30 @@ from typing import Optional
 from errors import UserError
 
 RESUME_OVERRIDABLE = {"device", "workers", "checkpoint_every_steps", "data_dir", "generated", "keep_checkpoints"}
+EXIT_DIVERGED = 3
+EXIT_CODES = """\
+exit codes:
+  0         training finished
+  2         bad arguments, data, run folder or checkpoint (one line on stderr; files already on disk unchanged)
+  3         training diverged (non-finite loss or weights): the last good checkpoint is kept
+  130, 143  stopped by SIGINT (Ctrl-C) / SIGTERM: a checkpoint of the current step was saved at the step's
+            end; continue with --resume RUN_DIR (a second signal stops at once, keeping the previous one)
+A SIGKILL at any moment leaves the previous complete checkpoint: every write goes to a temp file that is
+renamed into place once complete, and --resume removes leftover temp files.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are ``UserError`` (one line, exit 2) rather than usage dumps."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     from training.config import add_config_arguments, list_presets
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of: {', '.join(list_presets())}")
     p.add_argument("--config", help="a YAML file of config keys (applied after --preset)")
     p.add_argument("--out", help="run folder for checkpoints, logs and plots (default runs/<preset>)")
@@ -34,14 +54,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _has_checkpoints(run_dir: Path) -> bool:
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(folder.glob("*.pt"))
+
+
 def resolve(args: argparse.Namespace):
     """Config and run folder from the arguments (new run or resume)."""
     from training.config import build_config, load_yaml
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise UserError(f"--resume {run_dir}: no checkpoints/last.pt there (is it a run folder of train_at.py?)")
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {run_dir}: no such run folder")
+        if not (run_dir / "config.yaml").is_file() or not _has_checkpoints(run_dir):
+            raise UserError(f"--resume {run_dir}: no config.yaml and checkpoints/*.pt there, so nothing to resume "
+                            "(is it a run folder of train_at.py? a run killed before its first checkpoint "
+                            "starts afresh with --out)")
         overridden = {k[4:] for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
         bad = sorted(overridden - RESUME_OVERRIDABLE)
         if bad or args.preset or args.config:
@@ -63,59 +92,123 @@ def resolve(args: argparse.Namespace):
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to start afresh over another run; make sure the folder is writable."""
-    if (run_dir / "checkpoints" / "last.pt").exists() and not overwrite:
+    """Refuse to start afresh over another run or over a file; writes nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} exists and is not a folder: choose another --out")
+    if _has_checkpoints(run_dir) and not overwrite:
         raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                         "choose another --out, or pass --overwrite")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} exists and is not a folder")
+
+
+def probe_run_dir(run_dir: Path) -> None:
+    """Create the run folder if needed and prove it is writable (a full or read-only disk fails here)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_bytes(b"0" * 4096)
+        probe = run_dir / f".write_probe.{os.getpid()}"  # one per process: torchrun ranks probe at once
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to run folder {run_dir}: {e.strerror}") from None
+        raise UserError(f"cannot write to run folder {run_dir}: {e.strerror or e} "
+                        "(free some space, fix its permissions or choose another --out)") from None
+
+
+def check_world_size(batch_size: int) -> None:
+    """The global batch must split evenly over the processes torchrun starts (checked before any init)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={text!r} is not a number of processes: launch with torchrun") from None
+    if world < 1:
+        raise UserError(f"WORLD_SIZE={world} must be at least 1")
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the world size {world}: the global batch "
+                        f"is split evenly across processes; use a multiple of {world}")
+
+
+def check_free_space(trainer, run_dir: Path) -> None:
+    """Enough disk for the checkpoints this run keeps at its peak (last, a temp file, best, rolling ones)."""
+    from checkpoints.io import ensure_free_space, tensor_bytes
+
+    size = tensor_bytes(trainer.state_dict()) + 2**20
+    peak = size * (trainer.cfg.keep_checkpoints + 3)
+    folder = run_dir / "checkpoints"
+    inodes = {p.stat().st_ino: p.stat().st_size for p in folder.glob("*.pt")} if folder.is_dir() else {}
+    existing = next((p for p in (run_dir, *run_dir.absolute().parents) if p.is_dir()), Path("/"))
+    ensure_free_space(existing, max(peak - sum(inodes.values()), size), f"the checkpoints of {run_dir}")
+
+
+def train(trainer, run_dir: Path) -> int:
+    """Run ``trainer.fit`` and turn its ways of stopping into exit codes (see ``EXIT_CODES``)."""
+    from training.trainer import TrainingDiverged, TrainingStopped
+
+    try:
+        rows = trainer.fit()
+    except TrainingStopped as e:
+        signum = signal.Signals(e.signum or signal.SIGTERM)  # None on a rank that was told by another rank
+        print(f"stopped by {signum.name} at global step {e.global_step}; checkpoint saved. "
+              f"Continue with: python train_at.py --resume {run_dir}", file=sys.stderr)
+        return 128 + signum
+    except KeyboardInterrupt:
+        signum = trainer._stop_signal or signal.SIGINT
+        print(f"stopped at once by {signal.Signals(signum).name}; the previous checkpoint is kept. "
+              f"Continue with: python train_at.py --resume {run_dir}", file=sys.stderr)
+        return 128 + signum
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if rows and trainer.dist.is_main:
+        last = rows[-1]
+        print(f"done: {run_dir} | epoch {last['epoch']} val clean {last['val_clean']:.4f} "
+              f"pgd {last['val_pgd']:.4f}" + (f" | averaged clean {last['val_clean_avg']:.4f} "
+                                              f"pgd {last['val_pgd_avg']:.4f}" if "val_pgd_avg" in last else ""))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything cheap, build the trainer, check the run folder, train."""
+    cfg, run_dir, resuming = resolve(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.print_schedule:
+        import pandas as pd
+
+        from training.schedules import schedule_table
+
+        print(pd.DataFrame(schedule_table(cfg)).to_string(index=False))
+        return 0
+    if resuming:
+        probe_run_dir(run_dir)  # before the resume removes leftover temp files
+    else:
+        check_run_dir(run_dir, args.overwrite)
+    check_world_size(cfg.batch_size)
+    from training.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resuming, progress=not args.no_progress)
+    check_free_space(trainer, run_dir)
+    if not resuming:
+        probe_run_dir(run_dir)  # the first write of a new run: nothing is created before all checks pass
+    return train(trainer, run_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    """Entry point; ``UserError`` becomes one ``error: ...`` line on stderr and exit code 2."""
     try:
-        cfg, run_dir, resuming = resolve(args)
-        if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-            return 0
-        if args.print_schedule:
-            from training.schedules import schedule_table
-
-            import pandas as pd
-
-            print(pd.DataFrame(schedule_table(cfg)).to_string(index=False))
-            return 0
-        if not resuming:
-            check_run_dir(run_dir, args.overwrite)
-        from training.trainer import Trainer, TrainingDiverged
-
-        trainer = Trainer(cfg, run_dir, resume=resuming, progress=not args.no_progress)
-        try:
-            rows = trainer.fit()
-        except KeyboardInterrupt:
-            print(f"stopped; checkpoint saved. Continue with: python train_at.py --resume {run_dir}", file=sys.stderr)
-            return 0 if trainer._stop_signal is not None else 130
-        except TrainingDiverged as e:
-            print(f"error: training diverged: {e}", file=sys.stderr)
-            return 3
-        if rows:
-            last = rows[-1]
-            print(f"done: {run_dir} | epoch {last['epoch']} val clean {last['val_clean']:.4f} "
-                  f"pgd {last['val_pgd']:.4f}" + (f" | averaged clean {last['val_clean_avg']:.4f} "
-                                                  f"pgd {last['val_pgd_avg']:.4f}" if "val_pgd_avg" in last else ""))
-        return 0
+        return run(get_args_parser().parse_args(argv))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return UserError.exit_code
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

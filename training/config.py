@@ -106,7 +106,7 @@ class TrainConfig:
     step_ema_warmup: int = 0  # steps before the per-step EMA starts to average
     # run
     seed: int = 0
-    workers: int = 0
+    workers: int = -1  # data-loading processes per rank; -1: auto (0 on CPU, min(8, cpus - 1) on CUDA)
     eval_subset: int = 500  # held-out images used for per-epoch natural / PGD accuracy
     eval_pgd_steps: int = 10
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
@@ -130,33 +130,51 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "
                                 f"{', '.join(allowed)}")
-        positive = ("epochs", "batch_size", "lr")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("alpha", "beta", "trades_beta", "awp_gamma", "weight_decay", "tau", "val_size",
-                     "eval_subset", "checkpoint_every_steps", "warmup_epochs", "workers"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.tau <= 0:
-            raise UserError(f"--tau must be > 0, got {self.tau}")
-        for name in ("gamma", "avg_decay", "step_ema_decay", "generated_fraction", "label_smoothing"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        self._validate_ranges()
         if self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} must be smaller than --epochs {self.epochs}")
+        if self.attack_budget == "fixed" and self.attack_step_size <= 0:
+            raise UserError(f"--attack-step-size {eps_str(self.attack_step_size)} must be > 0 with --attack-budget "
+                            "fixed")
         return self
+
+    def _validate_ranges(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{_flag(f.name)} must be a finite number, got {value}")
+        for name in ("epochs", "batch_size", "lr", "tau", "attack_steps"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("alpha", "beta", "trades_beta", "awp_gamma", "weight_decay", "val_size", "eval_subset",
+                     "checkpoint_every_steps", "warmup_epochs", "aug_weight", "awp_warmup",
+                     "avg_start_epoch", "step_ema_warmup", "eval_pgd_steps", "keep_checkpoints", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.workers < -1:
+            raise UserError(f"--workers must be >= 0, or -1 for auto, got {self.workers}")
+        for name in ("gamma", "avg_decay", "step_ema_decay", "generated_fraction", "label_smoothing"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"a config must be a mapping of keys to values, got {type(d).__name__} {d!r:.80}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown config key(s) {', '.join(unknown)}; see --print-config for the keys")
         return cls(**_coerce_all(cls, d))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
@@ -176,13 +194,15 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if isinstance(value, (bool, list, dict)):  # YAML can hold these where a number or a name belongs
+            raise TypeError
         if tp is int:
             f = float(value)
             if f != int(f):
                 raise ValueError
             return int(f)
         return tp(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"--{name.replace('_', '-')} expects {tp.__name__}, got {value!r}") from None
 
 
@@ -196,19 +216,28 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
+    """The keys of ``configs/NAME.yaml``; an unknown name is a ``UserError`` listing the presets."""
+    if name not in list_presets():
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    return load_yaml(CONFIG_DIR / f"{name}.yaml")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of config keys; unreadable, malformed or non-mapping files are a ``UserError``."""
     try:
         with open(path) as f:
-            return yaml.safe_load(f) or {}
+            data = yaml.safe_load(f)
     except OSError as e:
         raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"config {path} is not valid YAML{line}: fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} holds a {type(data).__name__}, not a mapping of config keys to values")
+    return data
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

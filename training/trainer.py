@@ -8,7 +8,7 @@ CSV log and checkpoints; ``Trainer(cfg, run_dir, resume=True)`` continues a run 
 from __future__ import annotations
 
 import copy
-import math
+import functools
 import os
 import signal
 import subprocess
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from attacks.context import attack_mode
 from attacks.pgd import pgd
-from checkpoints.io import load_checkpoint, save_checkpoint
+from checkpoints.io import (check_compatible, load_checkpoint, load_latest_checkpoint, nonfinite_entries,
+                            remove_stale_temp_files, save_checkpoint, write_failure)
 from data import NUM_CLASSES, EpochBatchSampler, SeededDataset, build_dataset, eval_transform, train_transform
 from data.sampler import epoch_seed
 from errors import UserError
@@ -49,7 +50,17 @@ class TrainingDiverged(RuntimeError):
     """A loss or weight became non-finite; the last good checkpoint is left untouched."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """SIGTERM/SIGINT stopped the run after a checkpoint of ``global_step`` was saved (``--resume`` continues)."""
+
+    def __init__(self, signum: int, global_step: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum, self.global_step = signum, global_step
+
+
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """``git describe`` of the code this process imported (asked once: it runs a subprocess)."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=5)
@@ -65,9 +76,26 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: training runs on cpu or cuda only")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but no GPU is visible: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """``requested`` loader processes, or with ``requested < 0`` (auto): on CUDA min(8, the CPUs this
+    process may use divided by the processes on this node), elsewhere 0 (the CPU computes the step)."""
+    if requested >= 0:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, cpus // per_node - 1))  # one CPU stays with the training process
 
 
 def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
@@ -76,6 +104,18 @@ def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
         raise UserError(f"--val-size {val_size} leaves no training data ({n} training images): lower it")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()
     return sorted(perm[val_size:]), sorted(perm[:val_size])
+
+
+class StepLoss(nn.Module):
+    """``training_loss`` of ``net`` as a module: ``forward(x, x_adv, y, scores) -> (loss, parts, o_nat, o_adv)``."""
+
+    def __init__(self, net: nn.Module, spec: LossSpec, n_views: int) -> None:
+        super().__init__()
+        self.net, self.spec, self.n_views = net, spec, n_views
+
+    def forward(self, x: torch.Tensor, x_adv: Optional[torch.Tensor], y: torch.Tensor,
+                scores: Optional[torch.Tensor]):
+        return training_loss(self.spec, self.net, x, x_adv, y, scores, self.n_views)
 
 
 class Trainer:
@@ -109,8 +149,10 @@ class Trainer:
         self.best: dict = {"metric": -1.0, "epoch": 0}
         self._epoch_sums = torch.zeros(len(PART_NAMES) + 1, dtype=torch.float64, device=self.device)
         self._stop_signal: Optional[int] = None
+        # first global step at which each metric was non-finite (-1: never); updated without a host sync
+        self._first_bad = torch.full((len(PART_NAMES),), -1, dtype=torch.long, device=self.device)
         if resume:
-            self._load(self.run_dir / "checkpoints" / "last.pt")
+            self._resume(self.run_dir / "checkpoints")
 
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
@@ -125,6 +167,9 @@ class Trainer:
             from data.generated import GeneratedDataset, MixedBatchSampler
 
             gen = GeneratedDataset(cfg.generated, transform=train_transform(cfg.augment))
+            if gen.num_classes != self.num_classes:
+                raise UserError(f"--generated {cfg.generated} has {gen.num_classes} classes but --dataset "
+                                f"{cfg.dataset} has {self.num_classes}: convert the matching generated set")
             self.sampler = MixedBatchSampler(len(train_set), len(gen), cfg.batch_size, cfg.generated_fraction,
                                              seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
             train_set = ConcatDataset([train_set, gen])
@@ -135,10 +180,11 @@ class Trainer:
             self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed,
                                              rank=self.dist.rank, world_size=self.dist.world_size)
         pin = self.device.type == "cuda"
+        workers = loader_workers(cfg.workers, self.device)
         self.train_loader = DataLoader(SeededDataset(train_set), batch_sampler=self.sampler,
-                                       num_workers=cfg.workers, pin_memory=pin,
-                                       persistent_workers=cfg.workers > 0,
-                                       prefetch_factor=4 if cfg.workers > 0 else None,
+                                       num_workers=workers, pin_memory=pin,
+                                       persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers > 0 else None,
                                        generator=torch.Generator())  # leaves the global RNG alone
         n_eval = min(cfg.eval_subset, len(val_idx))
         self.val_set = Subset(plain_train, val_idx[:n_eval])
@@ -147,16 +193,10 @@ class Trainer:
         cfg = self.cfg
         model = build_model(cfg.arch, self.num_classes).to(self.device)
         if cfg.sync_bn and self.dist.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = dist_utils.convert_sync_batchnorm(model, self.device.type)
         if cfg.channels_last and self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        self.model = model  # the plain module: state dicts, attacks, evaluation
-        self.train_model: nn.Module = model
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.model = model  # the plain module: state dicts, evaluation, weight averaging
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
@@ -167,6 +207,25 @@ class Trainer:
             self.awp = AWP(model, proxy, lr=cfg.lr, gamma=cfg.awp_gamma)
         self.averager = WeightAverager(model, cfg.averaging, decay=cfg.avg_decay, start_epoch=cfg.avg_start_epoch,
                                        step_decay=cfg.step_ema_decay, step_warmup=cfg.step_ema_warmup)
+        # Compiled views share the plain modules' weights; they are made after every deepcopy above,
+        # so the copies hold no reference to a compiled forward.
+        self.attack_model = torch.compile(model) if cfg.compile else model
+        self.train_loss = self._loss_module(self.attack_model)
+        self.proxy_loss = None
+        if self.awp is not None:
+            self.proxy_loss = self._loss_module(torch.compile(self.awp.proxy) if cfg.compile else self.awp.proxy)
+
+    def _loss_module(self, net: nn.Module) -> nn.Module:
+        """The training loss of ``net`` as one module call, wrapped in DDP under torch.distributed.
+
+        DDP then sees one forward (both the adversarial and the natural pass) per backward. The
+        AWP proxy gets its own wrapper so that its gradient is averaged over ranks like the
+        model's: each rank then applies the same weight perturbation, which the full-batch
+        released code computes; per-rank proxy gradients would make the ranks' weights drift apart
+        (weight decay and momentum act on the perturbed weights).
+        """
+        module = StepLoss(net, self.spec, self.n_views)
+        return dist_utils.ddp_wrap(module, self.device) if self.dist.enabled else module
 
     # ----------------------------------------------------------------------------- one step
     def _autocast(self):
@@ -194,15 +253,15 @@ class Trainer:
         x_adv = None
         with self._autocast():
             if spec.uses_attack:
-                with attack_mode(self.model), torch.no_grad():
-                    logits_nat = self.model(x)
+                with attack_mode(self.attack_model), torch.no_grad():
+                    logits_nat = self.attack_model(x)
                 objective = attack_objective(spec, logits_nat, scores)
-                x_adv = pgd(self.model, x, y, eps=budget.eps, step=budget.step_size, steps=budget.steps,
+                x_adv = pgd(self.attack_model, x, y, eps=budget.eps, step=budget.step_size, steps=budget.steps,
                             norm=cfg.norm, objective=objective, random_start=spec.random_start)
             self.model.train()
             if self.awp is not None and epoch >= cfg.awp_warmup:
-                self.awp.perturb(lambda proxy: training_loss(spec, proxy, x, x_adv, y, scores, self.n_views)[0])
-            loss, parts, o_nat, o_adv = training_loss(spec, self.train_model, x, x_adv, y, scores, self.n_views)
+                self.awp.perturb(lambda _proxy: self.proxy_loss(x, x_adv, y, scores)[0])
+            loss, parts, o_nat, o_adv = self.train_loss(x, x_adv, y, scores)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -223,7 +282,7 @@ class Trainer:
         row = [values.get(k, zero).float() * n for k in PART_NAMES[:5]]
         row.append((o_nat.argmax(1) == y).sum().float() if o_nat is not None else zero.float())
         row.append((o_adv.argmax(1) == y).sum().float() if o_adv is not None else zero.float())
-        row.append(torch.tensor(float(n), device=y.device))
+        row.append(torch.full((), float(n), device=y.device))  # a fill kernel: no host-to-device copy
         return torch.stack(row).double()
 
     # ----------------------------------------------------------------------------- epochs
@@ -238,7 +297,9 @@ class Trainer:
             lr = lr_at(cfg.lr, epoch, cfg.epochs, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
                        step=self.step_in_epoch, steps_per_epoch=steps)
             x, y = self._to_device(x, y)
-            self._epoch_sums += self.training_step(x, y, epoch, lr)
+            sums = self.training_step(x, y, epoch, lr)
+            self._epoch_sums += sums
+            self._note_nonfinite(sums)
             self.step_in_epoch += 1
             if self.step_in_epoch % LOG_EVERY == 0 or self.step_in_epoch == steps:
                 self._check_finite(epoch)
@@ -248,10 +309,10 @@ class Trainer:
                     and self.step_in_epoch < steps:
                 self._check_finite(epoch)
                 self.save(epoch_end=False)
-            if self._stop_signal is not None:
+            if self._stop_requested(self.step_in_epoch):
                 self._check_finite(epoch)
                 self.save(epoch_end=False)
-                raise KeyboardInterrupt(f"signal {self._stop_signal}")
+                raise TrainingStopped(self._stop_signal, self.global_step)
         sums = dist_utils.all_reduce_sum(self._epoch_sums.clone())
         self._check_finite(epoch)
         n = max(sums[-1].item(), 1.0)
@@ -259,15 +320,29 @@ class Trainer:
         metrics["train_time_s"] = time.time() - start
         return metrics
 
+    def _note_nonfinite(self, sums: torch.Tensor) -> None:
+        """Record the step at which each metric first turned non-finite, without a host-device sync."""
+        bad = ~torch.isfinite(sums[: len(PART_NAMES)]) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, self.global_step, self._first_bad)
+
+    def _kept_checkpoint(self) -> str:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        return f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was saved"
+
     def _check_finite(self, epoch: int) -> None:
-        s = self._epoch_sums
-        if not bool(torch.isfinite(s).all()):
-            bad = [k for i, k in enumerate(PART_NAMES) if not math.isfinite(s[i].item())]
-            raise TrainingDiverged(f"non-finite {', '.join(bad)} in epoch {epoch} at or before global step "
-                                   f"{self.global_step}; the last good checkpoint is kept. Lower --lr or check the data")
-        if self.global_step and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise TrainingDiverged(f"non-finite weights in epoch {epoch} at global step {self.global_step}; "
-                                   "the last good checkpoint is kept. Lower --lr")
+        """Stop with ``TrainingDiverged`` (naming the step and the loss part) before anything non-finite is saved."""
+        finite = bool(torch.isfinite(self._epoch_sums).all())
+        if self.dist.enabled:  # the sums are per rank: all ranks must stop together or the rest wait in a collective
+            finite = not dist_utils.max_over_ranks(int(not finite), self.device)
+        if not finite:
+            first = self._first_bad.tolist()
+            step = min((s for s in first if s >= 0), default=self.global_step)
+            parts = [k for k, s in zip(PART_NAMES, first) if s == step] or ["loss"]
+            raise TrainingDiverged(f"non-finite {', '.join(parts)} at global step {step} (epoch {epoch}); "
+                                   f"{self._kept_checkpoint()}. Lower --lr or check the data")
+        if self.global_step and not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            raise TrainingDiverged(f"non-finite weights at or before global step {self.global_step} (epoch {epoch}); "
+                                   f"{self._kept_checkpoint()}. Lower --lr")
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, epoch: int) -> tuple[float, float]:
@@ -335,6 +410,8 @@ class Trainer:
                 self.save(epoch_end=True, is_best=is_best)
                 if self.dist.is_main:
                     self._print_row(row)
+                if self._stop_requested() and epoch < cfg.epochs:  # signalled during evaluation
+                    raise TrainingStopped(self._stop_signal, self.global_step)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -355,6 +432,23 @@ class Trainer:
                    f"loss {r['train_loss']:.3f} | val clean {r['val_clean']:.3f} pgd {r['val_pgd']:.3f}{avg} "
                    f"| {r['train_time_s']:.0f}s")
 
+    def _stop_requested(self, step_in_epoch: Optional[int] = None) -> bool:
+        """Whether a signal asked the run to stop (``step_in_epoch``: called inside the epoch loop).
+
+        Under torch.distributed the ranks agree through a one-element all-reduce, so every rank
+        saves and stops at the same step (a rank that stopped alone would leave the others
+        waiting in a collective); inside an epoch only every LOG_EVERY steps, as each check costs a
+        host-device sync. Every rank calls this at the same points.
+        """
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        if step_in_epoch is not None and step_in_epoch % LOG_EVERY:
+            return False
+        agreed = dist_utils.max_over_ranks(self._stop_signal or 0, self.device)
+        if agreed:  # ranks the signal did not reach stop as if it had
+            self._stop_signal = self._stop_signal or agreed
+        return bool(agreed)
+
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:  # second signal: stop now
             raise KeyboardInterrupt(f"signal {signum}")
@@ -367,6 +461,10 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         avg = self.averager.module
+        bank, epoch_sums = self.bank.state_dict(), self._epoch_sums.clone()
+        if self.dist.enabled:  # a checkpoint holds the whole global batch's partial sums, for any world size
+            for t in (bank["accumulator"], bank["counts"], epoch_sums):
+                dist_utils.all_reduce_sum(t)
         return {
             "format": CHECKPOINT_FORMAT, "code_version": code_version(),
             "arch": self.cfg.arch, "num_classes": self.num_classes, "dataset": self.cfg.dataset,
@@ -375,33 +473,67 @@ class Trainer:
             "model": self.model.state_dict(),
             "avg_model": None if avg is None else avg.state_dict(),
             "avg_count": None if self.averager.avg is None else self.averager.avg.n_averaged.clone(),
-            "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict(),
-            "epoch_sums": self._epoch_sums.clone(), "history": self.history.rows, "best": dict(self.best),
-            "rng": rng,
+            "optimizer": self.optimizer.state_dict(), "bank": bank,
+            "epoch_sums": epoch_sums, "history": self.history.rows, "best": dict(self.best),
+            "rng": rng, "rng_ranks": dist_utils.gather_objects(rng),
         }
 
     def save(self, *, epoch_end: bool, is_best: bool = False) -> None:
         """Atomically write ``last.pt`` (plus ``best.pt`` and rolling ``epoch_NNNN.pt`` at epoch ends)."""
         state = self.state_dict()
+        bad = nonfinite_entries({k: state[k] for k in ("model", "avg_model", "optimizer", "bank", "epoch_sums")})
+        if bad:
+            raise TrainingDiverged(f"non-finite values in {', '.join(bad[:3])} at global step {self.global_step}; "
+                                   f"refusing to save them: {self._kept_checkpoint()}. Lower --lr")
         if not self.dist.is_main:
             return
         folder = self.run_dir / "checkpoints"
         last = save_checkpoint(state, folder / "last.pt")
-        if epoch_end:
-            _link_atomic(last, folder / f"epoch_{self.epoch:04d}.pt")
-            if is_best:
-                _link_atomic(last, folder / "best.pt")
-            olds = sorted(folder.glob("epoch_*.pt"))[: -self.cfg.keep_checkpoints or None]
-            for old in olds if self.cfg.keep_checkpoints else []:
-                old.unlink(missing_ok=True)
-        self.history.write()
+        target = folder
+        try:
+            if epoch_end:
+                target = folder / f"epoch_{self.epoch:04d}.pt"
+                _link_atomic(last, target)
+                if is_best:
+                    target = folder / "best.pt"
+                    _link_atomic(last, target)
+                olds = sorted(folder.glob("epoch_*.pt"))[: -self.cfg.keep_checkpoints or None]
+                for old in olds if self.cfg.keep_checkpoints else []:
+                    old.unlink(missing_ok=True)
+            target = self.history.csv_path
+            self.history.write()
+        except OSError as e:  # last.pt is complete; only the extras failed
+            raise write_failure(target, e, kept=f"{last} was saved") from None
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{path} is not a training checkpoint of this project (format {state.get('format')!r})")
-        self.model.load_state_dict(state["model"])
+    def _resume(self, folder: Path) -> None:
+        """Continue from the newest complete checkpoint in ``folder``, removing temp files of killed writes."""
+        if self.dist.is_main:
+            for p in remove_stale_temp_files(folder):
+                tqdm.write(f"note: removed {p.name}, an unfinished write of an interrupted run")
+            remove_stale_temp_files(self.run_dir)  # the CSV log's temp file
+        path, state, notes = load_latest_checkpoint(folder, map_location=self.device)
+        for note in notes if self.dist.is_main else []:
+            tqdm.write(f"note: {note}")
+        self._load(path, state)
+
+    def _load(self, path: Path, state: Optional[dict] = None) -> None:
+        if state is None:
+            state = load_checkpoint(path, map_location=self.device)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise UserError(f"{path} is not a training checkpoint of this project (format {fmt!r})")
+        check_compatible(state, path, arch=self.cfg.arch, num_classes=self.num_classes)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            from checkpoints.run import state_dict_mismatch
+
+            detail = state_dict_mismatch(self.model, state["model"]) or str(e).splitlines()[0][:200]
+            raise UserError(f"{path} does not fit the run's {self.cfg.arch} model: {detail}") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        if not self.dist.is_main:  # the saved partial sums cover every rank: rank 0 carries them on
+            for t in (state["bank"]["accumulator"], state["bank"]["counts"], state["epoch_sums"]):
+                t.zero_()
         self.bank.load_state_dict(state["bank"])
         if self.averager.avg is not None and state["avg_model"] is not None:
             self.averager.avg.module.load_state_dict(state["avg_model"])
@@ -411,12 +543,21 @@ class Trainer:
         self._epoch_sums.copy_(state["epoch_sums"])
         self.history.rows = list(state["history"])
         self.best = dict(state["best"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._load_rng(state)
         if state.get("world_size", 1) != self.dist.world_size and self.dist.is_main:
             tqdm.write(f"resuming a {state['world_size']}-process run with {self.dist.world_size} process(es); "
                        "same global batch and sample order")
+
+    def _load_rng(self, state: dict) -> None:
+        """Each rank continues its own saved random stream; a rank the saved run did not have starts a fresh one."""
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if self.dist.rank >= len(rngs):
+            torch.manual_seed(epoch_seed(self.cfg.seed + self.dist.rank, self.global_step))
+            return
+        rng = rngs[self.dist.rank]
+        torch.set_rng_state(rng["cpu"].cpu())  # the checkpoint was mapped to the device; RNG states live on the CPU
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
@@ -424,9 +565,13 @@ def _link_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.link")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links
-        import shutil
+        try:
+            os.link(src, tmp)
+        except OSError:  # file systems without hard links
+            import shutil
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,306 @@
+"""Bad invocations of train_at.py and eval_autoattack.py: exit code 2, one line naming the bad value, no
+traceback, and nothing on disk changed (every file and folder under the test's folder is hashed).
+
+Most cases call ``main(argv)`` in this process (fast); two run the scripts as the user would, to show
+that no traceback reaches the terminal.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import pytest
+import torch
+
+import eval_autoattack
+import train_at
+from training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+NEW = ["--preset", "quickstart", "--epochs", "1"]  # a valid start; each case adds one mistake
+
+
+@dataclass(frozen=True)
+class Paths:
+    tmp: Path
+    run: Path  # a run folder with config.yaml and checkpoints (copied per case)
+    new: Path  # a run folder that does not exist yet (must not be created)
+    marker: Path  # created if a checkpoint manages to run code
+
+    def out(self, *argv: str) -> list[str]:
+        return [*NEW, *argv, "--out", str(self.new)]
+
+
+Text = Union[str, Callable[[Paths], str]]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    tool: str  # "train" or "eval"
+    argv: Callable[[Paths], list[str]]
+    expect: Text  # the offending value, as the one-line message must name it
+    setup: Optional[Callable[[Paths], None]] = None
+    env: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------- setups
+class RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_file(p: Paths) -> None:
+    torch.save({"format": "gkl-at/1", "model": {}, "hook": RunsCode(p.marker)}, p.tmp / "evil.pt")
+
+
+def _evil_last(p: Paths) -> None:
+    state = torch.load(p.run / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**state, "hook": RunsCode(p.marker)}, p.run / "checkpoints" / "last.pt")
+
+
+def _truncated_file(p: Paths) -> None:
+    data = (p.run / "checkpoints" / "last.pt").read_bytes()
+    (p.tmp / "cut.pt").write_bytes(data[: len(data) // 3])
+
+
+def _truncate_every_checkpoint(p: Paths) -> None:
+    for f in (p.run / "checkpoints").glob("*.pt"):
+        data = f.read_bytes()
+        f.unlink()  # epoch files are hard links to last.pt
+        f.write_bytes(data[:500])
+
+
+def _partial_cifar(p: Paths) -> None:
+    folder = p.tmp / "partial" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"")
+
+
+def _damaged_generated(p: Paths) -> None:
+    from data.convert_generated import convert
+
+    rng = np.random.default_rng(0)
+    np.savez(p.tmp / "gen.npz", image=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             label=np.arange(8, dtype=np.int64) % 10)
+    index = convert([p.tmp / "gen.npz"], p.tmp / "gen", num_classes=10, progress=False)
+    np.save(p.tmp / "gen" / index["shards"][0]["labels"], np.zeros(8, dtype=np.float32))
+
+
+def _write(name: str, text: str) -> Callable[[Paths], None]:
+    return lambda p: (p.tmp / name).write_text(text)
+
+
+def _mkdir(name: str) -> Callable[[Paths], None]:
+    return lambda p: (p.tmp / name).mkdir()
+
+
+def _bad_run_config(p: Paths) -> None:
+    (p.run / "config.yaml").write_text("arch: [small-cnn\nepochs: 3\n")
+
+
+# --------------------------------------------------------------------------------------- the table
+TRAIN_CASES = [
+    Case("unknown preset", "train", lambda p: ["--preset", "quickstart-xl", "--out", str(p.new)], "quickstart-xl"),
+    Case("unknown arch", "train", lambda p: p.out("--arch", "resnet9000"), "resnet9000"),
+    Case("unknown loss", "train", lambda p: p.out("--loss", "kl3"), "kl3"),
+    Case("unknown dataset", "train", lambda p: p.out("--dataset", "imagenet"), "imagenet"),
+    Case("unknown norm", "train", lambda p: p.out("--norm", "L3"), "L3"),
+    Case("unknown flag", "train", lambda p: p.out("--epochz", "3"), "--epochz"),
+    Case("eps divides by zero", "train", lambda p: p.out("--eps", "8/0"), "8/0"),
+    Case("eps not a number", "train", lambda p: p.out("--eps", "eight"), "eight"),
+    Case("eps above 1", "train", lambda p: p.out("--eps", "300"), "300"),
+    Case("step size not a number", "train", lambda p: p.out("--attack-step-size", "2/x"), "2/x"),
+    Case("negative epochs", "train", lambda p: p.out("--epochs", "-3"), "-3"),
+    Case("fractional epochs", "train", lambda p: p.out("--epochs", "2.5"), "2.5"),
+    Case("infinite lr", "train", lambda p: p.out("--lr", "inf"), "inf"),
+    Case("gamma above 1", "train", lambda p: p.out("--gamma", "1.5"), "1.5"),
+    Case("momentum 1", "train", lambda p: p.out("--momentum", "1"), "momentum"),
+    Case("zero attack steps", "train", lambda p: p.out("--attack-steps", "0"), "--attack-steps"),
+    Case("negative keep", "train", lambda p: p.out("--keep-checkpoints", "-1"), "-1"),
+    Case("bool not a bool", "train", lambda p: p.out("--download", "maybe"), "maybe"),
+    Case("seed not a number", "train", lambda p: p.out("--seed", "abc"), "abc"),
+    Case("bad device name", "train", lambda p: p.out("--device", "tpu9"), "tpu9"),
+    Case("batch larger than the data", "train", lambda p: p.out("--batch-size", "4096"), "4096"),
+    Case("val split eats the data", "train", lambda p: p.out("--val-size", "5000"), "5000"),
+    Case("batch vs world size", "train", lambda p: p.out("--batch-size", "64"), "64", env={"WORLD_SIZE": "3"}),
+    Case("world size not a number", "train", lambda p: p.out(), "two", env={"WORLD_SIZE": "two"}),
+    Case("cifar folder missing", "train", lambda p: p.out("--dataset", "cifar10", "--data-dir", str(p.tmp / "nodata")),
+         lambda p: str(p.tmp / "nodata")),
+    Case("cifar folder incomplete", "train",
+         lambda p: p.out("--dataset", "cifar10", "--data-dir", str(p.tmp / "partial")),
+         lambda p: str(p.tmp / "partial"), setup=_partial_cifar),
+    Case("generated folder without index", "train", lambda p: p.out("--generated", str(p.tmp / "gen")),
+         lambda p: str(p.tmp / "gen"), setup=_mkdir("gen")),
+    Case("generated shard of the wrong dtype", "train", lambda p: p.out("--generated", str(p.tmp / "gen")),
+         "float32", setup=_damaged_generated),
+    Case("config is not YAML", "train", lambda p: p.out("--config", str(p.tmp / "c.yaml")),
+         lambda p: str(p.tmp / "c.yaml"), setup=_write("c.yaml", "epochs: [3\n")),
+    Case("config is a list", "train", lambda p: p.out("--config", str(p.tmp / "c.yaml")),
+         lambda p: str(p.tmp / "c.yaml"), setup=_write("c.yaml", "- epochs\n- 3\n")),
+    Case("config has an unknown key", "train", lambda p: p.out("--config", str(p.tmp / "c.yaml")), "epoch_count",
+         setup=_write("c.yaml", "epoch_count: 3\n")),
+    Case("out is a file", "train", lambda p: [*NEW, "--out", str(p.tmp / "c.yaml")],
+         lambda p: str(p.tmp / "c.yaml"), setup=_write("c.yaml", "")),
+    Case("out holds a run", "train", lambda p: [*NEW, "--out", str(p.run)], lambda p: str(p.run)),
+    Case("out on a read-only file system", "train", lambda p: [*NEW, "--out", "/sys/gkl-at-test-run"],
+         "/sys/gkl-at-test-run"),
+    Case("resume a missing folder", "train", lambda p: ["--resume", str(p.new)], lambda p: str(p.new)),
+    Case("resume changes the config", "train", lambda p: ["--resume", str(p.run), "--epochs", "5"], "--epochs"),
+    Case("resume with a preset", "train", lambda p: ["--resume", str(p.run), "--preset", "quickstart"], "--preset"),
+    Case("resume a folder with a broken config", "train", lambda p: ["--resume", str(p.run)],
+         lambda p: str(p.run / "config.yaml"), setup=_bad_run_config),
+    Case("resume with only truncated checkpoints", "train", lambda p: ["--resume", str(p.run)],
+         lambda p: str(p.run / "checkpoints"), setup=_truncate_every_checkpoint),
+    Case("resume a checkpoint that would run code", "train", lambda p: ["--resume", str(p.run)],
+         lambda p: str(p.run / "checkpoints" / "last.pt"), setup=_evil_last),
+]
+
+EVAL_CASES = [
+    Case("eval: checkpoint that would run code", "eval", lambda p: [str(p.tmp / "evil.pt")],
+         lambda p: str(p.tmp / "evil.pt"), setup=_evil_file),
+    Case("eval: truncated checkpoint", "eval", lambda p: [str(p.tmp / "cut.pt")], lambda p: str(p.tmp / "cut.pt"),
+         setup=_truncated_file),
+    Case("eval: eps not a number", "eval", lambda p: [str(p.run), "--eps", "8", "abc"], "abc"),
+    Case("eval: eps divides by zero", "eval", lambda p: [str(p.run), "--eps", "4/0"], "4/0"),
+    Case("eval: unknown attack", "eval", lambda p: [str(p.run), "--attacks", "pgd10", "fgsm-9"], "fgsm-9"),
+    Case("eval: unknown weights", "eval", lambda p: [str(p.run), "--weights", "best"], "best"),
+    Case("eval: unknown checkpoint", "eval", lambda p: [str(p.run), "--checkpoint", "epoch_0099"], "epoch_0099"),
+    Case("eval: other arch", "eval", lambda p: [str(p.run), "--arch", "wrn-28-10"], "wrn-28-10"),
+    Case("eval: bad device", "eval", lambda p: [str(p.run), "--device", "tpu9"], "tpu9"),
+    Case("eval: unknown norm", "eval", lambda p: [str(p.run), "--norm", "L3"], "L3"),
+    Case("eval: negative n-ex", "eval", lambda p: [str(p.run), "--n-ex", "-5"], "-5"),
+    Case("eval: unknown split", "eval", lambda p: [str(p.run), "--split", "nope"], "nope"),
+    Case("eval: folder without checkpoints", "eval", lambda p: [str(p.tmp / "empty")], lambda p: str(p.tmp / "empty"),
+         setup=_mkdir("empty")),
+]
+
+MAINS = {"train": train_at.main, "eval": eval_autoattack.main}
+
+
+# --------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def run_template(tmp_path_factory) -> Path:
+    """A run folder as train_at.py leaves it after its first epoch checkpoint (no training needed)."""
+    from training.config import TrainConfig, load_preset, save_config
+
+    run = tmp_path_factory.mktemp("template") / "run"
+    cfg = TrainConfig.from_dict({**load_preset("quickstart"), "preset": "quickstart", "epochs": 1}).validate()
+    trainer = Trainer(cfg, run, progress=False)
+    run.mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    trainer.save(epoch_end=True)
+    return run
+
+
+@pytest.fixture
+def paths(run_template, tmp_path) -> Paths:
+    import shutil
+
+    run = Path(shutil.copytree(run_template, tmp_path / "run"))
+    return Paths(tmp=tmp_path, run=run, new=tmp_path / "new-run", marker=tmp_path / "code_ran")
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file's SHA-256 and every folder's name under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a bad invocation got as far as training or evaluating")
+
+
+# --------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("case", TRAIN_CASES + EVAL_CASES, ids=lambda c: c.id)
+def test_bad_invocation_exits_2_with_one_line_and_changes_nothing(case, paths, monkeypatch, capsys):
+    import evaluation
+
+    if case.setup:
+        case.setup(paths)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(Trainer, "fit", _never)
+    monkeypatch.setattr(evaluation, "run_suite", _never)
+    expect = case.expect(paths) if callable(case.expect) else case.expect
+    before = _tree(paths.tmp)
+    code = MAINS[case.tool](case.argv(paths))
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code == 2, (code, out.err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert expect in lines[0], lines[0]
+    assert "Traceback" not in out.err + out.out
+    assert _tree(paths.tmp) == before
+    assert not paths.marker.exists()
+
+
+def test_the_table_is_big_enough():
+    assert len(TRAIN_CASES) >= 25 and len(EVAL_CASES) >= 10
+    assert len({c.id for c in TRAIN_CASES + EVAL_CASES}) == len(TRAIN_CASES) + len(EVAL_CASES)
+
+
+def test_cuda_without_a_gpu_is_one_line(paths, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(Trainer, "fit", _never)
+    before = _tree(paths.tmp)
+    assert train_at.main(paths.out("--device", "cuda")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--device cuda" in err and "no GPU" in err
+    assert _tree(paths.tmp) == before
+
+
+def test_unwritable_run_folder_is_found_before_training(paths, monkeypatch, capsys):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train_at, "open", denied, raising=False)  # root ignores chmod, so fake the refusal
+    monkeypatch.setattr(Trainer, "fit", _never)
+    before = _tree(paths.tmp)
+    assert train_at.main(["--resume", str(paths.run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write to run folder {paths.run}: Permission denied (free some space, fix its " \
+                  "permissions or choose another --out)"
+    assert _tree(paths.tmp) == before
+
+
+def test_too_little_disk_space_is_found_before_training(paths, monkeypatch, capsys):
+    import shutil
+
+    import checkpoints.io as io_module
+
+    usage = shutil.disk_usage(paths.tmp)
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda p: usage._replace(free=300_000))
+    monkeypatch.setattr(Trainer, "fit", _never)
+    before = _tree(paths.tmp)
+    assert train_at.main(paths.out()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "0.3 MiB free" in err and str(paths.new) in err, err
+    assert _tree(paths.tmp) == before
+
+
+@pytest.mark.parametrize("script,argv,expect", [
+    ("train_at.py", ["--preset", "quickstart", "--batch-size", "4096"], "--batch-size 4096"),
+    ("eval_autoattack.py", ["RUN", "--attacks", "fgsm-9"], "fgsm-9"),
+])
+def test_no_traceback_reaches_the_terminal(script, argv, expect, paths):
+    argv = [str(paths.run) if a == "RUN" else a for a in argv]
+    if script == "train_at.py":
+        argv += ["--out", str(paths.new)]
+    before = _tree(paths.tmp)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=paths.tmp, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert expect in proc.stderr
+    assert _tree(paths.tmp) == before

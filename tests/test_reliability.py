@@ -1,0 +1,401 @@
+"""Runs survive SIGKILL, SIGTERM/SIGINT, NaN, a full disk and hostile checkpoints, and resume exactly.
+
+The subprocess tests run ``train_at.py`` on a quickstart-sized job (digits, small-cnn, GKL + AWP +
+averaging, 4 epochs of 4 steps) and compare the final checkpoint bit for bit with an uninterrupted
+run made in this process (both single-threaded on the CPU, so the arithmetic is identical).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+import train_at
+from checkpoints.io import CheckpointUnreadable, UnsafeCheckpoint, load_checkpoint, save_checkpoint
+from training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--preset", "quickstart", "--awp-warmup", "2", "--avg-start-epoch", "2", "--val-size", "1309",
+        "--eval-subset", "32", "--eval-pgd-steps", "2", "--batch-size", "32", "--attack-budget", "fixed",
+        "--attack-steps", "2", "--attack-step-size", "8/255", "--no-progress"]
+RUN_ARGS = TINY + ["--epochs", "4", "--checkpoint-every-steps", "1"]
+STEPS_PER_EPOCH = (1437 - 1309) // 32
+TOTAL_STEPS = 4 * STEPS_PER_EPOCH
+WAIT_S = 600  # generous: other jobs may share the two cores
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, str(ROOT / "train_at.py"), *argv], cwd=ROOT, env=_child_env(),
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def _stamp(path: Path):
+    """Changes with every completed save: each one renames a new file over ``path``."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _wait_for_save(proc: subprocess.Popen, last: Path, before, log: Path) -> float:
+    """Block until ``proc`` has renamed a new ``last.pt`` into place; returns the time it was seen."""
+    deadline = time.monotonic() + WAIT_S
+    while _stamp(last) == before:
+        assert proc.poll() is None, f"run exited with {proc.returncode} before saving:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint written in time"
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def _temp_files(run: Path) -> list[str]:
+    return sorted(p.name for p in run.rglob(".*") if p.is_file())
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    assert (a["epoch"], a["step_in_epoch"], a["global_step"]) == (b["epoch"], b["step_in_epoch"], b["global_step"])
+    for key in ("model", "avg_model"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
+    for k in ("accumulator", "counts"):
+        assert torch.equal(a["bank"][k], b["bank"][k]), k
+    assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+def _last(run: Path) -> Path:
+    return run / "checkpoints" / "last.pt"
+
+
+@contextlib.contextmanager
+def _child(argv: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    proc = _start(argv, log)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The final checkpoint of an uninterrupted run made in this process."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    assert train_at.main(RUN_ARGS + ["--out", str(run)]) == 0
+    return load_checkpoint(_last(run))
+
+
+# ------------------------------------------------------------------------------------------- kills
+def test_sigkill_at_five_random_points_then_resume_is_bitwise_exact(reference, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "child.log"
+    rng = random.Random(20240909)
+    last, killed_at, interval = _last(run), [], None
+    for i in range(5):
+        argv = ["--resume", str(run), "--no-progress"] if last.exists() else RUN_ARGS + ["--out", str(run)]
+        before = _stamp(last)
+        with _child(argv, log) as proc:
+            seen = _wait_for_save(proc, last, before, log)
+            if interval is None:  # this machine's time between two saves (one training step), measured once
+                interval = _wait_for_save(proc, last, _stamp(last), log) - seen
+            time.sleep(rng.uniform(0.0, interval))  # anywhere in the step: attack, update, evaluation or save
+            proc.kill()
+            assert proc.wait() == -signal.SIGKILL, f"kill {i} came after the run ended:\n{log.read_text()[-2000:]}"
+        state = load_checkpoint(last)  # a complete checkpoint is always there
+        killed_at.append(state["global_step"])
+    assert killed_at == sorted(set(killed_at)) and killed_at[-1] < TOTAL_STEPS, killed_at
+    assert train_at.main(["--resume", str(run), "--no-progress"]) == 0
+    assert _temp_files(run) == []  # leftovers of killed writes are gone after the resume
+    _assert_same_training_state(reference, load_checkpoint(last))
+
+
+def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(reference, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "child.log"
+    with _child(RUN_ARGS + ["--out", str(run)], log) as proc:
+        _wait_for_save(proc, _last(run), None, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=WAIT_S) == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    out = log.read_text()
+    assert "Traceback" not in out and "stopped by SIGTERM at global step" in out
+    step = int(out.split("stopped by SIGTERM at global step ")[1].split(";")[0])
+    saved = load_checkpoint(_last(run))
+    assert saved["global_step"] == step and 1 <= step < TOTAL_STEPS
+    assert saved["step_in_epoch"] == step - STEPS_PER_EPOCH * saved["epoch"]
+    assert train_at.main(["--resume", str(run), "--no-progress"]) == 0
+    _assert_same_training_state(reference, load_checkpoint(_last(run)))
+
+
+def _signal_at_step(monkeypatch, steps_to_signal: dict[int, int]) -> None:
+    """Deliver real signals to this process from inside given training steps (global step, 1-based)."""
+    original = Trainer.training_step
+
+    def step(self, *a, **k):
+        out = original(self, *a, **k)
+        if self.global_step in steps_to_signal:
+            os.kill(os.getpid(), steps_to_signal[self.global_step])
+        return out
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+
+
+def test_sigint_saves_the_current_step_and_a_second_signal_stops_at_once(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    argv = TINY + ["--epochs", "1", "--checkpoint-every-steps", "2", "--out", str(run)]
+    _signal_at_step(monkeypatch, {3: signal.SIGINT})
+    assert train_at.main(argv) == 128 + signal.SIGINT
+    assert load_checkpoint(_last(run))["global_step"] == 3  # saved at the end of the signalled step
+    assert "stopped by SIGINT at global step 3" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    # a second signal arriving while the first one's checkpoint is being saved stops at once:
+    # nothing new is saved, the step-3 checkpoint stays
+    before = _last(run).read_bytes()
+    _signal_at_step(monkeypatch, {4: signal.SIGTERM})
+    original_save = Trainer.save
+
+    def save_after_second_signal(self, **kw):
+        if self._stop_signal is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_save(self, **kw)
+
+    monkeypatch.setattr(Trainer, "save", save_after_second_signal)
+    assert train_at.main(["--resume", str(run), "--no-progress"]) == 128 + signal.SIGTERM
+    assert "stopped at once by SIGTERM" in capsys.readouterr().err
+    assert _last(run).read_bytes() == before and _temp_files(run) == []
+
+
+# ------------------------------------------------------------------------------------------- NaN
+def test_nan_loss_stops_the_run_naming_step_and_part_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    import training.trainer as trainer_module
+
+    run = tmp_path / "run"
+    saved: dict[str, bytes] = {}
+    calls = {"n": 0}
+    original_loss = trainer_module.training_loss
+
+    def loss_hook(spec, net, *a, **k):  # one call per step: AWP is off in epoch 1
+        loss, parts, o_nat, o_adv = original_loss(spec, net, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # global step 3; it is only checked at the step-4 checkpoint
+            saved["bytes"] = _last(run).read_bytes()  # the step-2 checkpoint
+            parts = dict(parts, soft_ce=parts["soft_ce"] * float("nan"))
+            loss = loss * float("nan")
+        return loss, parts, o_nat, o_adv
+
+    monkeypatch.setattr(trainer_module, "training_loss", loss_hook)
+    argv = TINY + ["--epochs", "1", "--checkpoint-every-steps", "2", "--out", str(run)]
+    assert train_at.main(argv) == train_at.EXIT_DIVERGED
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "non-finite loss, soft_ce at global step 3 (epoch 1)" in err and "is kept" in err, err
+    assert _last(run).read_bytes() == saved["bytes"]
+    assert load_checkpoint(_last(run))["global_step"] == 2
+
+
+def test_nonfinite_weights_stop_the_run_before_they_are_saved(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    saved: dict[str, bytes] = {}
+    original = Trainer.training_step
+
+    def step(self, *a, **k):
+        out = original(self, *a, **k)
+        if self.global_step == 4:  # the update of the step that saves next went wrong (the loss was finite)
+            saved["bytes"] = _last(run).read_bytes()
+            with torch.no_grad():
+                next(self.model.parameters())[0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    argv = TINY + ["--epochs", "1", "--checkpoint-every-steps", "2", "--out", str(run)]
+    assert train_at.main(argv) == train_at.EXIT_DIVERGED
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite weights at or before global step 4 (epoch 1)" in err, err
+    assert _last(run).read_bytes() == saved["bytes"]
+    assert load_checkpoint(_last(run))["global_step"] == 2
+
+
+# ------------------------------------------------------------------------------------------- disk
+class _FillsUp:
+    """A file whose device runs out of space after ``room`` bytes."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_disk_full_on_save_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    import checkpoints.io as io_module
+
+    run = tmp_path / "run"
+    real_save, calls, saved = torch.save, {"n": 0}, {}
+
+    def filling_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] < 2:
+            return real_save(obj, f, *a, **k)
+        saved["bytes"] = _last(run).read_bytes()
+        return real_save(obj, _FillsUp(f, room=100_000), *a, **k)
+
+    monkeypatch.setattr(io_module.torch, "save", filling_save)
+    argv = TINY + ["--epochs", "1", "--checkpoint-every-steps", "1", "--out", str(run)]
+    assert train_at.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and str(_last(run)) in err, err
+    assert _last(run).read_bytes() == saved["bytes"]
+    assert _temp_files(run) == []  # the partial temp file was removed
+
+
+def test_interrupted_write_leaves_the_previous_file_and_no_temp(tmp_path, monkeypatch):
+    import checkpoints.io as io_module
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_module.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint({"w": torch.ones(1)}, tmp_path / "last.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------------------- resume
+@pytest.fixture(scope="module")
+def finished_template(tmp_path_factory) -> Path:
+    """A 2-epoch run folder (2 steps per epoch; epoch checkpoints 1 and 2, last = epoch 2)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert train_at.main(TINY + ["--epochs", "2", "--val-size", "1373", "--out", str(run)]) == 0
+    return run
+
+
+@pytest.fixture
+def finished_run(finished_template, tmp_path) -> Path:
+    return Path(shutil.copytree(finished_template, tmp_path / "run"))
+
+
+def _config(run: Path):
+    from training.config import TrainConfig, load_yaml
+
+    return TrainConfig.from_dict(load_yaml(run / "config.yaml")).validate()
+
+
+def test_resume_skips_truncated_files_and_removes_temp_leftovers(finished_run, capsys):
+    folder = finished_run / "checkpoints"
+    full = (folder / "last.pt").read_bytes()
+    (folder / ".last.pt.0badf00d.tmp").write_bytes(full[: len(full) // 2])  # a write killed half-way
+    (folder / ".epoch_0002.pt.link").write_bytes(b"")
+    (finished_run / ".log.csv.tmp").write_text("epoch\n")
+    # last.pt itself damaged (a copy cut short): the newest complete epoch checkpoint is used
+    (folder / "last.pt").write_bytes(full[:1000])
+    (folder / "epoch_0002.pt").write_bytes(full[:-10])
+    capsys.readouterr()
+    trainer = Trainer(_config(finished_run), finished_run, resume=True, progress=False)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert (trainer.epoch, trainer.global_step) == (1, 2)
+    assert "resuming from epoch_0001.pt" in text and "cannot read checkpoint" in text, text
+    assert _temp_files(finished_run) == []
+
+
+def test_truncated_checkpoints_are_refused_with_one_line(tmp_path):
+    good = save_checkpoint({"model": {"w": torch.randn(64, 64)}, "step": 3}, tmp_path / "good.pt").read_bytes()
+    for cut in (0, 10, 100, len(good) // 2, len(good) - 30, len(good) - 1):
+        bad = tmp_path / f"cut{cut}.pt"
+        bad.write_bytes(good[:cut])
+        with pytest.raises(CheckpointUnreadable) as e:
+            load_checkpoint(bad)
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(finished_run, capsys):
+    last = _last(finished_run)
+    state = load_checkpoint(last)
+    run_arch = state["config"]["arch"]
+    state["arch"] = "wrn-28-10"
+    save_checkpoint(state, last)
+    before = last.read_bytes()
+    assert train_at.main(["--resume", str(finished_run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "wrn-28-10" in err and run_arch in err, err
+    assert last.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------- pickles
+class RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: proof that code in a checkpoint ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_checkpoint_that_would_run_code_is_refused_and_never_runs(writer, tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    payload = {"format": "gkl-at/1", "model": {"w": torch.ones(1)}, "hook": RunsCode(marker)}
+    if writer == "torch":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(UnsafeCheckpoint) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "\x1b" not in msg and str(path) in msg and "Unsupported" in msg, msg
+    assert not marker.exists()
+
+
+def test_resume_from_a_checkpoint_that_would_run_code_exits_2(finished_run, tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    state = load_checkpoint(_last(finished_run))
+    state["hook"] = RunsCode(marker)
+    torch.save(state, _last(finished_run))
+    assert train_at.main(["--resume", str(finished_run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refusing to load" in err, err
+    assert not marker.exists()
