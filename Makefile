@@ -25,7 +25,7 @@ quickstart: install
 	$(BIN)/python -m evaluation.compare $(QS)/ce $(QS)/gkl
 
 test: install
-	$(BIN)/python -m pytest; rc=$$?; \
+	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 bench: install

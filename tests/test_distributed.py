@@ -145,7 +145,7 @@ def runs(tmp_path_factory):
     while not ctx.join():
         pass
     _run_single(root / "sync", logs["resume21"], None, resume=True)
-    ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return root, logs, ranks
 
 

@@ -535,9 +535,7 @@ class Trainer:
             for t in (state["bank"]["accumulator"], state["bank"]["counts"], state["epoch_sums"]):
                 t.zero_()
         self.bank.load_state_dict(state["bank"])
-        if self.averager.avg is not None and state["avg_model"] is not None:
-            self.averager.avg.module.load_state_dict(state["avg_model"])
-            self.averager.avg.n_averaged.copy_(state["avg_count"])
+        self.averager.load(state["avg_model"], state["avg_count"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self._epoch_sums.copy_(state["epoch_sums"])
