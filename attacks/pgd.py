@@ -1,0 +1,232 @@
+"""Projected gradient attacks (L-inf and L2) on any objective: PGD-CE, CW-K, TRADES-KL, GKL.
+
+One loop serves training (TRADES start ``x + 0.001 * N(0, 1)``, objective closures built from natural
+logits computed once, dtype left to the caller's autocast) and evaluation (uniform start in the ball,
+restarts keeping the first adversarial example per sample). Every returned example lies inside the
+closed eps ball around ``x`` and inside [0, 1] exactly, as checked in the input's own dtype and
+against the Python float ``eps``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+
+from .context import attack_mode
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NORMS = ("Linf", "L2")
+RANDOM_STARTS = ("uniform", "trades", "none")
+TRADES_START_STD = 0.001  # the released TRADES/GKL-AT scripts start from x + 0.001 * N(0, 1)
+_TINY = 1e-12
+
+
+def ce_objective() -> Objective:
+    """Per-sample cross-entropy ``CE(logits_adv, y)``."""
+    def objective(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_adv, y, reduction="none")
+    return objective
+
+
+def cw_objective(kappa: float = 0.0) -> Objective:
+    """Per-sample CW margin ``-max(z_y - max_{j != y} z_j + kappa, 0)`` (CW-K evaluation uses kappa = 0)."""
+    def objective(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        correct = logits_adv.gather(1, y[:, None]).squeeze(1)
+        is_label = F.one_hot(y, logits_adv.shape[1]).bool()
+        best_other = logits_adv.masked_fill(is_label, float("-inf")).amax(dim=1)
+        return -(correct - best_other + kappa).clamp(min=0)
+    return objective
+
+
+def kl_objective(logits_nat: torch.Tensor) -> Objective:
+    """TRADES objective ``KL(softmax(logits_nat) || softmax(logits_adv))`` per sample; ``logits_nat`` is constant."""
+    log_p_nat = F.log_softmax(logits_nat.detach(), dim=1)
+
+    def objective(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        log_p_adv = F.log_softmax(logits_adv, dim=1)
+        return F.kl_div(log_p_adv, log_p_nat, reduction="none", log_target=True).sum(dim=1)
+    return objective
+
+
+_NAMED_OBJECTIVES: dict[str, Callable[[], Objective]] = {"ce": ce_objective, "cw": cw_objective}
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
+        norm: str = "Linf", objective: Union[str, Objective] = "ce", random_start: str = "uniform",
+        restarts: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Maximise ``objective`` (summed over the batch) within the ``norm`` ball of radius ``eps`` around ``x``.
+
+    ``objective`` is ``"ce"``, ``"cw"`` (margin, kappa 0) or ``f(logits_adv, y) -> Tensor`` (scalar or
+    per sample). ``random_start``: ``"uniform"`` in the ball, ``"trades"`` (``x + 0.001 N(0,1)``, not
+    projected before the first step, as released) or ``"none"``. L-inf takes sign steps, L2
+    normalised-gradient steps, each followed by projection onto the ball and [0, 1]. With
+    ``restarts > 1`` a sample keeps the first restart's example that fools the model and is not
+    attacked again. Only the input gets gradients; the model's modes and parameter flags are
+    restored. ``generator`` (on ``x.device``) makes random starts reproducible.
+    Returns ``x_adv`` with the dtype and device of ``x``.
+    """
+    objective_fn = _check_args(x, y, eps, step, steps, norm, objective, random_start, restarts)
+    if eps == 0:
+        return x.detach().clone()
+    radius = _radius(eps, x.dtype)
+    with attack_mode(model), torch.enable_grad():
+        if restarts == 1:
+            return _attack_once(model, x, y, radius, step, steps, norm, objective_fn, random_start, generator)
+        return _attack_with_restarts(model, x, y, radius, step, steps, norm, objective_fn, random_start,
+                                     restarts, generator)
+
+
+def cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
+       norm: str = "Linf", random_start: str = "uniform", restarts: int = 1,
+       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """CW-K: PGD on the CW margin loss (kappa = 0) with the same steps and projections as :func:`pgd`."""
+    return pgd(model, x, y, eps=eps, step=step, steps=steps, norm=norm, objective="cw",
+               random_start=random_start, restarts=restarts, generator=generator)
+
+
+def _attack_once(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float, steps: int,
+                 norm: str, objective_fn: Objective, random_start: str,
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+    x = x.detach()
+    if norm == "Linf":  # ball and [0, 1] together are one box: a single clamp per step
+        lower, upper = (x - radius).clamp_(min=0.0), (x + radius).clamp_(max=1.0)
+    x_adv = _random_start(x, radius, norm, random_start, generator)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        value = objective_fn(model(x_adv), y).sum()
+        (grad,) = torch.autograd.grad(value, x_adv)
+        x_adv = x_adv.detach()
+        if norm == "Linf":
+            x_adv = torch.clamp(x_adv.add_(grad.sign_(), alpha=step), lower, upper)
+        else:
+            x_adv = project(x_adv + step * _ascent_direction(grad, norm), x, radius, norm)
+    return _exactly_inside(x_adv, x, radius, norm)
+
+
+def _attack_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float,
+                          steps: int, norm: str, objective_fn: Objective, random_start: str, restarts: int,
+                          generator: Optional[torch.Generator]) -> torch.Tensor:
+    x_best = x.detach().clone()
+    active = torch.arange(x.shape[0], device=x.device)
+    for _ in range(restarts):
+        x_run = _attack_once(model, x[active], y[active], radius, step, steps, norm, objective_fn,
+                             random_start, generator)
+        with torch.no_grad():
+            fooled = model(x_run).argmax(dim=1) != y[active]
+        x_best[active] = x_run  # fooled samples leave `active` below, so their example is final
+        active = active[~fooled]
+        if active.numel() == 0:
+            break
+    return x_best
+
+
+def _random_start(x: torch.Tensor, radius: float, norm: str, kind: str,
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    if kind == "none":
+        return x.clone()
+    if kind == "trades":
+        return x + TRADES_START_STD * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if norm == "Linf":
+        uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return project(x + (2 * uniform - 1) * radius, x, radius, norm)
+    # Uniform in the L2 ball: Gaussian direction, radius eps * U^(1/d).
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    u = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+    scale = radius * u.pow(1.0 / x[0].numel()) / _per_sample_norm(noise).clamp_min(_TINY)
+    return project(x + noise * _expand(scale, x), x, radius, norm)
+
+
+def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        return grad.sign()
+    return grad / _expand(_per_sample_norm(grad).clamp_min(_TINY), grad)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project ``x_adv`` onto the ``norm`` ball of radius ``eps`` around ``x``, then onto [0, 1].
+
+    Up to floating-point rounding; :func:`pgd`'s results are additionally made exact.
+    """
+    delta = x_adv - x
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        factor = (eps / _per_sample_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
+        delta = delta * _expand(factor, delta)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def clip_exact(x_adv: torch.Tensor, x: torch.Tensor, *, eps: float, norm: str) -> torch.Tensor:
+    """Project onto the ``norm`` ball around ``x`` and [0, 1] so that both checks hold exactly.
+
+    Exact in ``x.dtype`` and against the Python float ``eps`` (``|x_adv - x| <= eps`` for L-inf,
+    ``(x_adv - x).flatten(1).norm(dim=1) <= eps`` for L2).
+    """
+    return _exactly_inside(x_adv, x, _radius(eps, x.dtype), norm)
+
+
+def _exactly_inside(x_adv: torch.Tensor, x: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
+    """Remove the last-bit overshoot that ``x + delta`` rounding can leave after :func:`project`."""
+    x_adv = project(x_adv, x, radius, norm)
+    if norm == "Linf":
+        # One step toward x suffices: rounding x + delta overshoots by at most half an ulp.
+        over = (x_adv - x).abs() > radius
+        return torch.where(over, torch.nextafter(x_adv, x), x_adv)
+    # A few ulps inside, so that norms summed in another order (another library) also pass.
+    limit = radius * (1 - 8 * torch.finfo(x.dtype).eps)
+    shrink = 4 * torch.finfo(x.dtype).eps
+    for _ in range(30):  # the margin doubles each round; one round is the rule in practice
+        size = _per_sample_norm(x_adv - x)
+        over = size > limit
+        if not bool(over.any()):
+            return x_adv
+        factor = torch.where(over, limit / size * (1 - shrink), 1.0)
+        x_adv = (x + (x_adv - x) * _expand(factor, x)).clamp(0.0, 1.0)
+        shrink *= 2
+    return torch.where(_expand(_per_sample_norm(x_adv - x) > limit, x), x, x_adv)
+
+
+def _radius(eps: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` that is <= ``eps``, so checks pass in ``dtype`` and in float64."""
+    r = torch.tensor(float(eps), dtype=torch.float64).to(dtype)
+    if r.double().item() > eps:
+        r = torch.nextafter(r, torch.zeros_like(r))
+    return r.double().item()
+
+
+def _in_unit_range(x: torch.Tensor) -> bool:
+    low, high = torch.aminmax(x.detach())
+    return bool(low >= 0) and bool(high <= 1)
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(p=2, dim=1)
+
+
+def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_sample.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_args(x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, norm: str,
+                objective: Union[str, Objective], random_start: str, restarts: int) -> Objective:
+    if norm not in NORMS:
+        raise UserError(f"unknown attack norm {norm!r}; use one of {', '.join(NORMS)}")
+    if random_start not in RANDOM_STARTS:
+        raise UserError(f"unknown random_start {random_start!r}; use one of {', '.join(RANDOM_STARTS)}")
+    if not eps >= 0 or not step >= 0:
+        raise UserError(f"attack eps={eps} and step={step} must be >= 0; pass non-negative values")
+    if int(steps) != steps or steps < 0 or int(restarts) != restarts or restarts < 1:
+        raise UserError(f"attack steps={steps} must be an integer >= 0 and restarts={restarts} >= 1")
+    if x.shape[0] != y.shape[0]:
+        raise UserError(f"attack got {x.shape[0]} images but {y.shape[0]} labels; pass matching batches")
+    if x.numel() and not _in_unit_range(x):
+        raise UserError("attack inputs must lie in [0, 1]; move normalisation into the model")
+    if callable(objective):
+        return objective
+    if objective not in _NAMED_OBJECTIVES:
+        raise UserError(f"unknown attack objective {objective!r}; use 'ce', 'cw' or a callable")
+    return _NAMED_OBJECTIVES[objective]()

@@ -1,0 +1,200 @@
+"""Reports of a suite run: JSON (every number and setting), CSV and Markdown tables, a PNG plot.
+
+Table layouts follow the paper: Table 14 (one row per attack, one column per eps, plus Clean
+and Avg.) and Table 15 (one row per eps, one column per attack, plus Clean and Worst). Numbers
+in tables are percentages with two decimals; the JSON keeps exact counts and fractions.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pandas as pd
+import torch
+
+from training.config import eps_str
+
+from .suite import SuiteResult
+
+REPORT_FILES = {"json": "report.json", "markdown": "report.md", "table_eps": "table_eps.csv",
+                "table_attacks": "table_attacks.csv", "per_sample": "per_sample.csv",
+                "plot": "robust_vs_eps.png"}
+_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "robustbench", "pandas")
+
+
+def _labels(result: SuiteResult) -> dict[str, str]:
+    return {a.name: a.label for a in result.settings.attacks}
+
+
+def _pct(value: float) -> float:
+    return round(100.0 * value, 2)
+
+
+def table_eps(result: SuiteResult) -> pd.DataFrame:
+    """Table 14 layout: rows = attacks and Worst; columns = Clean, each eps (x/255), Avg."""
+    labels = _labels(result)
+    rows = {}
+    for name in result.attack_names + ["worst"]:
+        values = [_pct(result.accuracy(e, name)) for e in result.settings.eps]
+        row = {"Clean": _pct(result.accuracy(result.settings.eps[0], "clean"))}
+        row.update({eps_str(e): v for e, v in zip(result.settings.eps, values)})
+        row["Avg."] = round(sum(values) / len(values), 2)
+        rows[labels.get(name, "Worst")] = row
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "Attack"
+    return frame
+
+
+def table_attacks(result: SuiteResult) -> pd.DataFrame:
+    """Table 15 layout: rows = eps (x/255); columns = Clean, each attack, Worst."""
+    labels = _labels(result)
+    rows = {}
+    for eps in result.settings.eps:
+        row = {"Clean": _pct(result.accuracy(eps, "clean"))}
+        row.update({labels[n]: _pct(result.accuracy(eps, n)) for n in result.attack_names})
+        row["Worst"] = _pct(result.accuracy(eps, "worst"))
+        rows[eps_str(eps)] = row
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "eps"
+    return frame
+
+
+def per_sample_frame(result: SuiteResult) -> pd.DataFrame:
+    """One row per evaluated point: label, clean flag, and ``attack@eps`` robust flags (0/1)."""
+    columns: dict[str, Any] = {"label": result.labels.tolist(), "clean": result.clean.int().tolist()}
+    for eps in result.settings.eps:
+        for name in result.attack_names + ["worst"]:
+            columns[f"{name}@{eps_str(eps)}"] = result.robust(eps, name).int().tolist()
+    frame = pd.DataFrame(columns)
+    frame.index.name = "index"
+    return frame
+
+
+def environment_info(device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Library versions, Python, platform and accelerator: what a reader needs to reproduce."""
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "device": str(device) if device is not None else None}
+    if device is not None and device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Everything as JSON-ready data: settings, per-(eps, attack) numbers, flags, warnings."""
+    labels = _labels(result)
+    rows = []
+    for eps in result.settings.eps:
+        for name in result.attack_names + ["worst"]:
+            flags = result.robust(eps, name)
+            res = result.results.get((eps, name))
+            rows.append({"eps": eps, "eps_str": eps_str(eps), "attack": name, "label": labels.get(name, "Worst"),
+                         "robust_accuracy": flags.float().mean().item(), "robust_count": int(flags.sum()),
+                         "n": result.n, "attacked": res.attacked if res else None,
+                         "seconds": round(res.seconds, 3) if res else None, "seed": res.seed if res else None,
+                         "resumed": res.cached if res else None})
+    per_sample = {"clean": _bits(result.clean)}
+    for eps in result.settings.eps:
+        per_sample[eps_str(eps)] = {n: _bits(result.robust(eps, n)) for n in result.attack_names + ["worst"]}
+    return {"created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "settings": result.settings.as_dict(), **(meta or {}),
+            "n": result.n, "clean_accuracy": result.clean.float().mean().item(),
+            "clean_count": int(result.clean.sum()), "results": rows, "warnings": list(result.warnings),
+            "per_sample_note": "strings of 0/1 per evaluated point, in data order", "per_sample": per_sample}
+
+
+def _bits(flags: torch.Tensor) -> str:
+    return "".join("1" if f else "0" for f in flags.tolist())
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    header = [frame.index.name or ""] + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for index, row in frame.iterrows():
+        lines.append("| " + " | ".join([str(index)] + [f"{v:.2f}" for v in row.tolist()]) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> str:
+    """Human-readable report: settings, both tables, sanity-check warnings, timings."""
+    meta = meta or {}
+    s = result.settings
+    model = meta.get("model", {})
+    lines = [f"# Robustness evaluation: {model.get('source', 'model')}", ""]
+    lines += [f"- model: {model.get('arch')} ({model.get('kind')}), weights {model.get('weights')}, "
+              f"epoch {model.get('epoch')}, file {model.get('path')}",
+              f"- data: {meta.get('data', {}).get('description', f'{result.n} points')}",
+              f"- threat model: {s.norm}, eps {', '.join(eps_str(e) for e in s.eps)}; seed {s.seed}; fp32",
+              f"- {s.as_dict()['pgd_rule']} (fraction {s.step_fraction:g})",
+              "- multi-eps: at each eps an attack runs only on the points it could not break at the "
+              "previous eps", ""]
+    lines += ["## Robust accuracy (%) across eps (Table 14 layout)", "", _markdown_table(table_eps(result)), ""]
+    lines += ["## Robust accuracy (%) per attack (Table 15 layout)", "", _markdown_table(table_attacks(result)), ""]
+    lines += ["## Sanity checks", ""]
+    lines += [f"- WARNING: {w}" for w in result.warnings] or ["- all passed"]
+    seconds = sum(r.seconds for r in result.results.values() if not r.cached)
+    lines += ["", f"Attack time: {seconds:.1f} s. Versions: " + ", ".join(
+        f"{k} {v}" for k, v in meta.get("environment", {}).get("packages", {}).items() if v), ""]
+    return "\n".join(lines)
+
+
+def plot_robustness(result: SuiteResult, path: str | os.PathLike) -> None:
+    """PNG of robust accuracy vs eps, one line per attack plus Worst; clean as a dotted line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [e * 255 for e in result.settings.eps]
+    labels = _labels(result)
+    for name in result.attack_names + ["worst"]:
+        ys = [100 * result.accuracy(e, name) for e in result.settings.eps]
+        style = dict(linestyle="--", color="black") if name == "worst" else {}
+        ax.plot(xs, ys, marker="o", label=labels.get(name, "Worst"), **style)
+    ax.axhline(100 * result.clean.float().mean().item(), linestyle=":", color="gray", label="Clean")
+    ax.set_xlabel(f"eps ({result.settings.norm}, x/255)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png"), binary=True)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(result: SuiteResult, out_dir: str | os.PathLike,
+                  meta: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+    """Write every report file into ``out_dir`` (each atomically); returns kind -> path."""
+    out = Path(out_dir)
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
+    data = report_dict(result, meta)
+    _atomic_write(paths["json"], lambda f: json.dump(data, f, indent=1, default=str))
+    _atomic_write(paths["markdown"], lambda f: f.write(markdown_report(result, meta)))
+    _atomic_write(paths["table_eps"], lambda f: table_eps(result).to_csv(f))
+    _atomic_write(paths["table_attacks"], lambda f: table_attacks(result).to_csv(f))
+    _atomic_write(paths["per_sample"], lambda f: per_sample_frame(result).to_csv(f))
+    plot_robustness(result, paths["plot"])
+    return paths
