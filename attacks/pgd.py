@@ -57,7 +57,8 @@ _NAMED_OBJECTIVES: dict[str, Callable[[], Objective]] = {"ce": ce_objective, "cw
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
         norm: str = "Linf", objective: Union[str, Objective] = "ce", random_start: str = "uniform",
-        restarts: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        restarts: int = 1, generator: Optional[torch.Generator] = None,
+        check_range: bool = True) -> torch.Tensor:
     """Maximise ``objective`` (summed over the batch) within the ``norm`` ball of radius ``eps`` around ``x``.
 
     ``objective`` is ``"ce"``, ``"cw"`` (margin, kappa 0) or ``f(logits_adv, y) -> Tensor`` (scalar or
@@ -66,10 +67,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
     normalised-gradient steps, each followed by projection onto the ball and [0, 1]. With
     ``restarts > 1`` a sample keeps the first restart's example that fools the model and is not
     attacked again. Only the input gets gradients; the model's modes and parameter flags are
-    restored. ``generator`` (on ``x.device``) makes random starts reproducible.
+    restored. ``generator`` (on ``x.device``) makes random starts reproducible. ``check_range=False``
+    skips the check that ``x`` lies in [0, 1] (one host-device sync; the trainer's inputs are known).
     Returns ``x_adv`` with the dtype and device of ``x``.
     """
-    objective_fn = _check_args(x, y, eps, step, steps, norm, objective, random_start, restarts)
+    objective_fn = _check_args(x, y, eps, step, steps, norm, objective, random_start, restarts, check_range)
     if eps == 0:
         return x.detach().clone()
     radius = _radius(eps, x.dtype)
@@ -212,7 +214,8 @@ def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_args(x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, norm: str,
-                objective: Union[str, Objective], random_start: str, restarts: int) -> Objective:
+                objective: Union[str, Objective], random_start: str, restarts: int,
+                check_range: bool = True) -> Objective:
     if norm not in NORMS:
         raise UserError(f"unknown attack norm {norm!r}; use one of {', '.join(NORMS)}")
     if random_start not in RANDOM_STARTS:
@@ -223,7 +226,7 @@ def _check_args(x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps
         raise UserError(f"attack steps={steps} must be an integer >= 0 and restarts={restarts} >= 1")
     if x.shape[0] != y.shape[0]:
         raise UserError(f"attack got {x.shape[0]} images but {y.shape[0]} labels; pass matching batches")
-    if x.numel() and not _in_unit_range(x):
+    if check_range and x.numel() and not _in_unit_range(x):  # costs a host-device sync
         raise UserError("attack inputs must lie in [0, 1]; move normalisation into the model")
     if callable(objective):
         return objective

@@ -254,3 +254,14 @@ def test_autoattack_resumes_after_interruption(digits_model, points, tmp_path,
     assert not resumed[1].all()
     with pytest.raises(UserError):
         autoattack(digits_model, x, y, **(kw | dict(eps=0.25)), state_path=state)
+
+
+def test_range_check_can_be_skipped_for_known_inputs(digits_model, digits_test):
+    from attacks import pgd
+    from errors import UserError
+
+    x, y = digits_test[0][:4] * 2, digits_test[1][:4]  # outside [0, 1]
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        pgd(digits_model, x, y, eps=8 / 255, step=2 / 255, steps=1)
+    out = pgd(digits_model, x, y, eps=8 / 255, step=2 / 255, steps=1, check_range=False)
+    assert out.shape == x.shape

@@ -257,7 +257,8 @@ class Trainer:
                     logits_nat = self.attack_model(x)
                 objective = attack_objective(spec, logits_nat, scores)
                 x_adv = pgd(self.attack_model, x, y, eps=budget.eps, step=budget.step_size, steps=budget.steps,
-                            norm=cfg.norm, objective=objective, random_start=spec.random_start)
+                            norm=cfg.norm, objective=objective, random_start=spec.random_start,
+                            check_range=False)
             self.model.train()
             if self.awp is not None and epoch >= cfg.awp_warmup:
                 self.awp.perturb(lambda _proxy: self.proxy_loss(x, x_adv, y, scores)[0])
