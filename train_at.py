@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file of config keys (applied after --preset)")
     p.add_argument("--out", help="run folder for checkpoints, logs and plots (default runs/<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds another run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a folder that holds another run; its checkpoints, log and eval/ are deleted")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--print-schedule", action="store_true", help="print eps / attack steps / lr per epoch and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -98,6 +100,26 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
     if _has_checkpoints(run_dir) and not overwrite:
         raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                         "choose another --out, or pass --overwrite")
+
+
+def clear_previous_run(run_dir: Path) -> list[str]:
+    """``--overwrite``: remove the earlier run's checkpoints, log and evaluation so none of them is
+    mistaken for the new run's (a resume falls back to the newest epoch file). Rank 0 only."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    removed = []
+    folder = run_dir / "checkpoints"
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        path.unlink(missing_ok=True)
+        removed.append(str(path))
+    for name in ("log.csv", "training_curves.png"):
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
+            removed.append(str(run_dir / name))
+    if (run_dir / "eval").is_dir():
+        shutil.rmtree(run_dir / "eval")
+        removed.append(str(run_dir / "eval"))
+    return removed
 
 
 def probe_run_dir(run_dir: Path) -> None:
@@ -193,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, run_dir, resume=resuming, progress=not args.no_progress)
     check_free_space(trainer, run_dir)
     if not resuming:
+        if args.overwrite and clear_previous_run(run_dir):
+            print(f"--overwrite: removed the earlier run's checkpoints, log and evaluation in {run_dir}",
+                  file=sys.stderr)
         probe_run_dir(run_dir)  # the first write of a new run: nothing is created before all checks pass
     return train(trainer, run_dir)
 

@@ -83,8 +83,8 @@ def environment_info(device: Optional[torch.device] = None) -> dict[str, Any]:
     for package in _PACKAGES:
         try:
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
+        except importlib.metadata.PackageNotFoundError:  # e.g. a copied package without its dist-info
+            versions[package] = getattr(sys.modules.get(package), "__version__", None)
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
             "device": str(device) if device is not None else None}
     if device is not None and device.type == "cuda":

@@ -340,6 +340,26 @@ def test_resume_skips_truncated_files_and_removes_temp_leftovers(finished_run, c
     assert _temp_files(finished_run) == []
 
 
+def test_overwrite_removes_the_earlier_runs_files(finished_run, capsys):
+    import pandas as pd
+
+    folder = finished_run / "checkpoints"
+    shutil.copy(folder / "epoch_0002.pt", folder / "epoch_0050.pt")  # an older, longer run's checkpoint
+    (finished_run / "eval").mkdir()
+    (finished_run / "eval" / "report.md").write_text("old model\n")
+    assert train_at.main(TINY + ["--epochs", "1", "--val-size", "1373", "--out", str(finished_run),
+                                 "--overwrite"]) == 0
+    assert "--overwrite: removed" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "epoch_0001.pt", "last.pt"]
+    assert not (finished_run / "eval").exists()
+    assert pd.read_csv(finished_run / "log.csv").epoch.tolist() == [1]
+    # the stale epoch file is gone, so a resume with a damaged last.pt cannot fall back to it
+    (folder / "last.pt").unlink()  # epoch files may be hard links to it
+    (folder / "last.pt").write_bytes(b"")
+    trainer = Trainer(_config(finished_run), finished_run, resume=True, progress=False)
+    assert trainer.epoch == 1
+
+
 def test_truncated_checkpoints_are_refused_with_one_line(tmp_path):
     good = save_checkpoint({"model": {"w": torch.randn(64, 64)}, "step": 3}, tmp_path / "good.pt").read_bytes()
     for cut in (0, 10, 100, len(good) // 2, len(good) - 30, len(good) - 1):
