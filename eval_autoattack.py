@@ -59,20 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name: use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but none is available: use --device cpu")
-    return device
-
-
 def _validate(args: argparse.Namespace):
     """Check every cheap argument before anything is loaded or written."""
     from evaluation.suite import SuiteSettings
@@ -129,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.suite import SuiteSettings
 
     settings = _validate(args)
-    device = _device(args.device)
+    from training.trainer import resolve_device
+
+    device = resolve_device(args.device)
     start = time.perf_counter()
     model, info = _load(args, device)
     config = info.get("config") or {}

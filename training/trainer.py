@@ -70,6 +70,7 @@ def code_version() -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; a name this machine cannot run is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -77,7 +78,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: training runs on cpu or cuda only")
+        raise UserError(f"--device {name!r}: this project runs on cpu or cuda only")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but no GPU is visible: use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
