@@ -26,6 +26,8 @@ allows a separate temperature for the sample-wise weights: pass ``scores=softmax
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,7 +95,8 @@ def _soft_ce(o_m: Tensor, o_n: Tensor, temperature: float) -> Tensor:
     return ce if temperature == 1.0 else ce * temperature**2
 
 
-def _reduce_wmse(numerator: Tensor, weight_sum: Tensor, normalize: str, reduction: str) -> Tensor:
+def _reduce_wmse(numerator: Tensor, weight_sum: Tensor, normalize: str, reduction: str,
+                 weight_sum_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     tiny = torch.finfo(numerator.dtype).tiny
     if normalize == "batch":
         per_sample = numerator
@@ -106,7 +109,10 @@ def _reduce_wmse(numerator: Tensor, weight_sum: Tensor, normalize: str, reductio
     if normalize == "batch":
         return per_sample.mean()
     # The released GKL code: batch sum of w*(dm-dn)^2 over the batch sum of w.
-    return numerator.sum() / weight_sum.sum().clamp_min(tiny)
+    total = weight_sum.sum()
+    if weight_sum_reduce is not None:
+        total = weight_sum_reduce(total)
+    return numerator.sum() / total.clamp_min(tiny)
 
 
 def _reduce(values: Tensor, reduction: str) -> Tensor:
@@ -127,6 +133,7 @@ def gkl_loss(
     normalize: str = "weight_sum",
     temperature: float = 1.0,
     reduction: str = "mean",
+    weight_sum_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GKL (and DKL/IKL as special cases) between logits ``o_m`` and ``o_n``, both ``(B, C)``.
 
@@ -142,6 +149,8 @@ def gkl_loss(
       own); ``"batch"``: per-sample sums, averaged over the batch for ``"mean"``.
     - ``reduction``: ``"mean"``, ``"sum"`` (sum of the ``"none"`` values) or ``"none"`` (``(B,)``).
     - ``temperature``: see the module docstring (``T^2`` scaling, wMSE on raw logits).
+    - ``weight_sum_reduce``: applied to the batch weight sum (``"weight_sum"`` and ``"mean"`` only),
+      e.g. its mean over data-parallel processes, so that each divides by the global normaliser.
     """
     _check_logits(logits_m, logits_n, scores)
     _check_options(gamma, normalize, temperature, reduction)
@@ -150,7 +159,7 @@ def gkl_loss(
     v = _weights(o_m, scores, gamma, temperature, dtype)
     d = o_m - (o_n if break_asymmetry else o_n.detach())
     numerator, weight_sum = wmse_terms(d, v)
-    wmse = _reduce_wmse(numerator, weight_sum, normalize, reduction)
+    wmse = _reduce_wmse(numerator, weight_sum, normalize, reduction, weight_sum_reduce)
     soft_ce = _reduce(_soft_ce(o_m, o_n, temperature), reduction)
     loss = alpha / 4 * wmse + beta * soft_ce
     return loss, {"wmse": wmse.detach(), "soft_ce": soft_ce.detach()}

@@ -97,9 +97,23 @@ def _worker(rank: int, root: str, port: int) -> None:
     accumulator = tr.bank.state_dict()["accumulator"]
     tr.bank.finish_epoch()
     torch.save({"logs": logs, "params": [p.detach().clone() for p in tr.model.parameters()],
-                "accumulator": accumulator, "bank": tr.bank.bank, "stopped": _stop_one_rank(rank, root_path)},
+                "accumulator": accumulator, "bank": tr.bank.bank, "stopped": _stop_one_rank(rank, root_path),
+                "gkl_grads": _gkl_logit_grads(slice(rank * 4, rank * 4 + 4))},
                root_path / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+def _gkl_logit_grads(rows: slice) -> tuple:
+    """Gradients of the robust term (gamma = 0.4, uneven bank rows) for logits ``rows`` of one batch of 8."""
+    from training.objectives import LossSpec, _robust_term
+
+    gen = torch.Generator().manual_seed(0)
+    o_nat, o_adv = torch.randn(2, 8, 10, generator=gen).mul(3)
+    scores = torch.softmax(torch.randn(8, 10, generator=gen) * 3, dim=1)
+    o_nat, o_adv = o_nat[rows].requires_grad_(), o_adv[rows].requires_grad_()
+    spec = LossSpec("gkl", alpha=20.0, beta=4.0, gamma=0.4)
+    loss, _ = _robust_term(spec, o_nat, o_adv, scores[rows])
+    return torch.autograd.grad(loss, (o_nat, o_adv))
 
 
 def _stop_one_rank(rank: int, root: Path) -> tuple:
@@ -206,6 +220,16 @@ def test_bank_is_normalised_sum_of_every_ranks_accumulator(runs):
     for r in ranks:
         assert torch.allclose(r["bank"][seen], expected, atol=1e-7)
     assert torch.equal(ranks[0]["bank"], ranks[1]["bank"])
+
+
+def test_gkl_normaliser_is_the_global_batchs_weight_sum(runs):
+    """DDP averages the ranks' gradients: with gamma < 1 that equals one process only if every rank
+    divides the wMSE by the weight sum of the whole batch, not its own."""
+    _, _, ranks = runs
+    single = _gkl_logit_grads(slice(0, 8))
+    for i in range(2):  # d/d o_nat, d/d o_adv
+        averaged = torch.cat([r["gkl_grads"][i] for r in ranks]) / WORLD
+        assert torch.allclose(averaged, single[i], rtol=0, atol=1e-6), (averaged - single[i]).abs().max()
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs):

@@ -49,6 +49,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor that needs no gradient over all ranks (``t`` itself in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from losses import gkl_loss, kl_loss
 
+from .distributed import mean_over_ranks
+
 GKL_FAMILY = ("gkl", "ikl", "dkl")
 
 
@@ -92,8 +94,11 @@ def attack_objective(spec: LossSpec, logits_nat: torch.Tensor, scores: Optional[
 def _robust_term(spec: LossSpec, o_nat: torch.Tensor, o_adv: torch.Tensor, scores: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if spec.kind in GKL_FAMILY:
+        # With gamma = 1 every weight row sums to 1 and the normaliser is the batch size on every
+        # rank; otherwise each rank divides by the weight sum of the global batch.
+        reduce = None if spec.gamma == 1.0 else mean_over_ranks
         return gkl_loss(o_nat, o_adv, alpha=spec.alpha, beta=spec.beta, gamma=spec.gamma, scores=scores,
-                        break_asymmetry=spec.break_asymmetry)
+                        break_asymmetry=spec.break_asymmetry, weight_sum_reduce=reduce)
     kl = kl_loss(o_nat, o_adv)
     return spec.trades_beta * kl, {"kl": kl.detach()}
 
