@@ -6,10 +6,10 @@ with ``from attacks.pgd import ...`` or ``importlib.import_module("attacks.autoa
 """
 from .autoattack import AA_ATTACKS, AA_NORMS, AA_VERSIONS, autoattack
 from .context import attack_mode
-from .pgd import (NORMS, RANDOM_STARTS, Objective, ce_objective, clip_exact, cw, cw_objective, kl_objective, pgd,
-                  project)
+from .pgd import (NORMS, RANDOM_STARTS, Objective, ce_objective, clip_exact, cw, cw_objective, indexed_random_start,
+                  kl_objective, pgd, project)
 
 __all__ = [
     "AA_ATTACKS", "AA_NORMS", "AA_VERSIONS", "NORMS", "RANDOM_STARTS", "Objective", "attack_mode", "autoattack",
-    "ce_objective", "clip_exact", "cw", "cw_objective", "kl_objective", "pgd", "project",
+    "ce_objective", "clip_exact", "cw", "cw_objective", "indexed_random_start", "kl_objective", "pgd", "project",
 ]

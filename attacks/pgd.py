@@ -58,7 +58,7 @@ _NAMED_OBJECTIVES: dict[str, Callable[[], Objective]] = {"ce": ce_objective, "cw
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
         norm: str = "Linf", objective: Union[str, Objective] = "ce", random_start: str = "uniform",
         restarts: int = 1, generator: Optional[torch.Generator] = None,
-        check_range: bool = True) -> torch.Tensor:
+        check_range: bool = True, start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Maximise ``objective`` (summed over the batch) within the ``norm`` ball of radius ``eps`` around ``x``.
 
     ``objective`` is ``"ce"``, ``"cw"`` (margin, kappa 0) or ``f(logits_adv, y) -> Tensor`` (scalar or
@@ -69,34 +69,61 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
     attacked again. Only the input gets gradients; the model's modes and parameter flags are
     restored. ``generator`` (on ``x.device``) makes random starts reproducible. ``check_range=False``
     skips the check that ``x`` lies in [0, 1] (one host-device sync; the trainer's inputs are known).
+    ``start`` (shape of ``x``, e.g. from :func:`indexed_random_start`) replaces the random start: it
+    is projected onto the ball and the attack begins there (``restarts`` must be 1).
     Returns ``x_adv`` with the dtype and device of ``x``.
     """
     objective_fn = _check_args(x, y, eps, step, steps, norm, objective, random_start, restarts, check_range)
+    if start is not None and (start.shape != x.shape or restarts != 1):
+        raise ValueError(f"start must have the shape of x {tuple(x.shape)} and restarts must be 1; got "
+                         f"{tuple(start.shape)} and {restarts}")
     if eps == 0:
         return x.detach().clone()
     radius = _radius(eps, x.dtype)
     with attack_mode(model), torch.enable_grad():
         if restarts == 1:
-            return _attack_once(model, x, y, radius, step, steps, norm, objective_fn, random_start, generator)
+            return _attack_once(model, x, y, radius, step, steps, norm, objective_fn, random_start, generator,
+                                start)
         return _attack_with_restarts(model, x, y, radius, step, steps, norm, objective_fn, random_start,
                                      restarts, generator)
 
 
 def cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
        norm: str = "Linf", random_start: str = "uniform", restarts: int = 1,
-       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+       generator: Optional[torch.Generator] = None, start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CW-K: PGD on the CW margin loss (kappa = 0) with the same steps and projections as :func:`pgd`."""
     return pgd(model, x, y, eps=eps, step=step, steps=steps, norm=norm, objective="cw",
-               random_start=random_start, restarts=restarts, generator=generator)
+               random_start=random_start, restarts=restarts, generator=generator, start=start)
+
+
+def indexed_random_start(x: torch.Tensor, index: torch.Tensor, eps: float, norm: str, seed: int) -> torch.Tensor:
+    """Uniform random starts in the ``norm`` ball, sample ``x[i]`` drawn from its own generator seeded
+    by ``(seed, index[i])``: a point gets the same start whichever subset or batch it is attacked in
+    (the evaluation suite's multi-eps runs rely on it). Drawn on the CPU, returned on ``x.device``."""
+    shape = x.shape[1:]
+    d = x[0].numel()
+    starts = torch.empty(x.shape, dtype=torch.float32)
+    for row, i in enumerate(index.tolist()):
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % (2**63 - 1))
+        if norm == "Linf":
+            starts[row] = (2 * torch.rand(shape, generator=gen) - 1) * eps
+        else:
+            noise = torch.randn(shape, generator=gen)
+            radius = eps * torch.rand((), generator=gen).pow(1.0 / d)
+            starts[row] = noise * (radius / noise.norm().clamp_min(_TINY))
+    return x + starts.to(device=x.device, dtype=x.dtype)
 
 
 def _attack_once(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float, steps: int,
                  norm: str, objective_fn: Objective, random_start: str,
-                 generator: Optional[torch.Generator]) -> torch.Tensor:
+                 generator: Optional[torch.Generator], start: Optional[torch.Tensor] = None) -> torch.Tensor:
     x = x.detach()
     if norm == "Linf":  # ball and [0, 1] together are one box: a single clamp per step
         lower, upper = (x - radius).clamp_(min=0.0), (x + radius).clamp_(max=1.0)
-    x_adv = _random_start(x, radius, norm, random_start, generator)
+    if start is not None:
+        x_adv = project(start.detach().to(x.dtype), x, radius, norm)
+    else:
+        x_adv = _random_start(x, radius, norm, random_start, generator)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         value = objective_fn(model(x_adv), y).sum()

@@ -2,11 +2,14 @@
 
 Work is shared across radii: an adversarial example for a smaller eps is valid for a larger one,
 so at each eps an attack only runs on the points it could not break at the previous eps (flags are
-carried per attack). Numbers therefore equal separate runs up to attack randomness, and a point
-broken at a smaller eps is never reported robust at a larger one.
+carried per attack), and a point broken at a smaller eps is never reported robust at a larger one.
+PGD and CW draw each point's random start from (seed, eps, attack, point index), so every point
+they attack gets the same start as in a separate one-eps run: their numbers equal separate runs
+or are lower (breaks carried from smaller eps). AutoAttack's own randomness depends on the batch,
+so its numbers equal separate runs up to that randomness.
 
-Randomness comes from one explicit ``torch.Generator`` (or AutoAttack seed) per (eps, attack),
-derived from the suite seed by :func:`attack_seed`; nothing here seeds the global generators.
+Seeds per (eps, attack) come from the suite seed by :func:`attack_seed`; nothing here seeds the
+global generators.
 Attacks run in fp32 (autocast off) with the model in eval mode and parameter grads off.
 """
 from __future__ import annotations
@@ -238,11 +241,12 @@ class _Runner:
 
     def iterative(self, spec: AttackSpec, eps: float, idx: torch.Tensor,
                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """PGD or CW on the points ``idx`` in batches, one generator for the whole pass."""
-        from attacks import cw, pgd
+        """PGD or CW on the points ``idx`` in batches. Each point's random start comes from ``seed`` and
+        its index alone, so a point is attacked exactly as in a run over any other subset (the
+        separate one-eps runs a multi-eps run replaces)."""
+        from attacks import cw, indexed_random_start, pgd
 
         s, fn = self.settings, (pgd if spec.kind == "pgd" else cw)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
         broken, advs = [], []
         bar = tqdm(total=len(idx), desc=f"{spec.name} {eps_str(eps)}", unit="img", leave=False,
                    disable=not self.progress)
@@ -250,8 +254,9 @@ class _Runner:
             for i in range(0, len(idx), s.batch_size):
                 part = idx[i:i + s.batch_size]
                 xb, yb = self.x[part].to(self.device), self.y[part].to(self.device)
+                start = indexed_random_start(xb, part, eps, s.norm, seed)
                 x_adv = fn(self.model, xb, yb, eps=eps, step=s.step(eps), steps=spec.steps, norm=s.norm,
-                           random_start="uniform", restarts=1, generator=gen).detach()
+                           start=start).detach()
                 pred = predict(self.model, x_adv, s.batch_size)
                 self.check_bound(spec, eps, x_adv, xb)
                 broken.append((pred != yb).cpu())

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attacks import autoattack, cw, pgd
+from attacks import autoattack, cw, indexed_random_start, pgd
 from errors import UserError
 from evaluation import (ResultStore, SuiteSettings, attack_seed, load_eval_data, parse_attack, run_suite,
                         write_reports)
@@ -49,16 +49,15 @@ def multi_eps(robust_digits_model, points):
 
 
 def _direct(model, x, y, fn, eps, steps, name, batch_size, seed=0):
-    """What the suite should compute: the attack on the clean-correct points, one generator, same batches."""
+    """What the suite should compute: the attack on the clean-correct points, per-point starts, same batches."""
     with torch.no_grad():
         clean = model(x).argmax(1) == y
     idx = clean.nonzero().flatten()
-    gen = torch.Generator().manual_seed(attack_seed(seed, eps, name))
     robust = clean.clone()
     for i in range(0, len(idx), batch_size):
         part = idx[i:i + batch_size]
-        x_adv = fn(model, x[part], y[part], eps=eps, step=eps / 4, steps=steps, norm="Linf",
-                   random_start="uniform", restarts=1, generator=gen)
+        start = indexed_random_start(x[part], part, eps, "Linf", attack_seed(seed, eps, name))
+        x_adv = fn(model, x[part], y[part], eps=eps, step=eps / 4, steps=steps, norm="Linf", start=start)
         with torch.no_grad():
             robust[part[model(x_adv).argmax(1) != y[part]]] = False
     return robust
@@ -124,6 +123,36 @@ def test_first_eps_of_a_multi_eps_run_equals_a_single_eps_run(robust_digits_mode
                        progress=False)
     # 0 comes first in multi_eps but leaves every clean-correct point, so 4/255 attacks the same set
     assert torch.equal(single.robust(4 / 255, "pgd10"), multi_eps.robust(4 / 255, "pgd10"))
+
+
+def test_later_eps_of_a_multi_eps_run_equals_a_single_eps_run_on_the_points_it_attacks(
+        robust_digits_model, digits_test):
+    """Per-point random starts: a survivor of 32/255 is attacked at 48/255 exactly as in a run at
+    48/255 alone, so the shared run is the single run minus the points already broken. Two-step
+    attacks on 300 points: the outcome of about 5% of them hinges on their start."""
+    x, y = digits_test[0][:300], digits_test[1][:300]
+    eps, prev, attacks = 48 / 255, 32 / 255, ["pgd2", "cw2"]
+    shared = run_suite(robust_digits_model, x, y, SuiteSettings.build([prev, eps], attacks, batch_size=64),
+                       progress=False)
+    single = run_suite(robust_digits_model, x, y, SuiteSettings.build([eps], attacks, batch_size=64),
+                       progress=False)
+    for name in attacks:
+        carried = shared.robust(prev, name)
+        assert carried.sum() < single.clean.sum()  # some points were not attacked again
+        assert torch.equal(shared.robust(eps, name), single.robust(eps, name) & carried), name
+
+
+def test_indexed_random_start_depends_on_the_point_not_the_batch():
+    x = torch.rand(6, 3, 4, 4)
+    index = torch.tensor([10, 11, 12, 13, 14, 15])
+    for norm, eps in (("Linf", 8 / 255), ("L2", 0.5)):
+        whole = indexed_random_start(x, index, eps, norm, seed=7)
+        part = indexed_random_start(x[[4, 1]], index[[4, 1]], eps, norm, seed=7)
+        assert torch.equal(part, whole[[4, 1]])
+        delta = (whole - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+        assert (size <= eps + 1e-6).all() and (size > eps / 10).all()
+        assert not torch.equal(whole, indexed_random_start(x, index, eps, norm, seed=8))
 
 
 def test_reports_are_readable_by_pandas(multi_eps, tmp_path):
