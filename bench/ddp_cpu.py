@@ -66,7 +66,7 @@ def measure(world: int, threads: int, args: argparse.Namespace) -> list[float]:
         out = str(Path(tmp) / "times.pt")
         mp.start_processes(_worker, args=(world, threads, _free_port(), args, out), nprocs=world,
                            start_method="spawn")
-        return torch.load(out)
+        return torch.load(out, weights_only=True)
 
 
 def main() -> None:

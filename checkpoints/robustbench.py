@@ -749,21 +749,11 @@ def _load_for_export(req: ExportRequest) -> tuple[nn.Module, dict[str, Any]]:
         checkpoint, kind = req.weights, ("raw" if req.weights == "last" else "avg")
     if req.dataset is not None and req.dataset not in NUM_CLASSES:
         raise UserError(f"--dataset {req.dataset!r} is not one of: {', '.join(NUM_CLASSES)}")
+    from training.trainer import resolve_device
+
     num_classes = NUM_CLASSES[req.dataset] if req.dataset else None
     return load_model(req.source, weights=kind, checkpoint=checkpoint, arch=req.arch,
-                      num_classes=num_classes, device=_device(req.device))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name: use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but none is available: use --device cpu")
-    return device
+                      num_classes=num_classes, device=resolve_device(req.device))
 
 
 def _threat_model(req: ExportRequest, config: Mapping[str, Any]) -> tuple[str, float]:
