@@ -29,7 +29,7 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 bench: install
-	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	for f in bench/[a-z]*.py; do m=$$(basename $$f .py); echo "== python -m bench.$$m"; $(BIN)/python -m bench.$$m || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data import DATASETS
     from evaluation.inputs import SPLITS
     from evaluation.spec import EXAMPLES
-    from evaluation.suite import NORMS
+    from core.threat import NORMS
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="run folder, project checkpoint .pt, or plain state dict .pt")
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace):
     """Check every cheap argument before anything is loaded or written."""
-    from evaluation.suite import SuiteSettings
-    from training.config import parse_eps
+    from core.threat import parse_eps
+    from evaluation.results import SuiteSettings
 
     if (args.source is None) == (args.robustbench_model is None):
         raise UserError("pass exactly one model: a SOURCE path or --robustbench-model NAME")
@@ -88,16 +88,13 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]]:
 
 
 def _default_out(args: argparse.Namespace) -> Path:
+    from checkpoints.run import default_out_dir
+
     if args.out:
         return Path(args.out)
     if args.robustbench_model:
         return Path(DEFAULT_OUT) / args.robustbench_model
-    src = Path(args.source)
-    if src.is_dir():
-        return src / DEFAULT_OUT
-    if src.parent.name == "checkpoints" and (src.parent.parent / "config.yaml").is_file():
-        return src.parent.parent / DEFAULT_OUT  # a file inside a run folder
-    return src.parent / f"{DEFAULT_OUT}_{src.stem}"
+    return default_out_dir(args.source, DEFAULT_OUT)
 
 
 def _identity(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -112,10 +109,10 @@ def _identity(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Validate, load, evaluate, write reports; returns the exit code."""
     from evaluation import ResultStore, environment_info, load_eval_data, run_suite, summary_line, write_reports
-    from evaluation.suite import SuiteSettings
+    from core.device import resolve_device
+    from evaluation.results import SuiteSettings
 
     settings = _validate(args)
-    from training.trainer import resolve_device
 
     device = resolve_device(args.device)
     start = time.perf_counter()
@@ -145,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace, settings, info: dict[str, Any], data: dict[str, Any], out: Path) -> None:
-    from training.config import eps_str
+    from core.threat import eps_str
 
     for note in info.get("notes", []):
         print(f"note: {note}", file=sys.stderr)

@@ -27,8 +27,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; every option maps to a field of ``checkpoints.robustbench.ExportRequest``."""
-    from checkpoints.robustbench import FORMATS, FULL_TEST_SET, THREAT_MODELS, WEIGHT_CHOICES
+    """The command line; every option maps to a field of ``export.ExportRequest``."""
+    from export import FORMATS, FULL_TEST_SET, THREAT_MODELS, WEIGHT_CHOICES
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="run folder, project checkpoint .pt, or plain state dict .pt (with --arch)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args: argparse.Namespace):
     """The ``ExportRequest`` for parsed arguments."""
-    from checkpoints.robustbench import ExportRequest, ModelCard
+    from export import ExportRequest, ModelCard
 
     card = ModelCard(link=args.link, name=args.name, authors=args.authors, venue=args.venue,
                      additional_data=args.additional_data, number_forward_passes=args.forward_passes,
@@ -83,7 +83,7 @@ def request_from_args(args: argparse.Namespace):
 
 def _parse_radius(text: str, norm: Optional[str]) -> float:
     """Linf radii as 8, 8/255 or 0.0314; an L2 radius is taken as written (0.5 stays 0.5)."""
-    from training.config import parse_eps
+    from core.threat import parse_eps
 
     if norm == "L2" and "/" not in text:
         try:
@@ -113,7 +113,7 @@ def print_result(result) -> None:
 
 def run_export(request) -> int:
     """Export ``request`` and print the outcome; returns the exit code (0, 1 mismatch, 2 user error)."""
-    from checkpoints.robustbench import ExportMismatch, export
+    from export import ExportMismatch, export
 
     try:
         result = export(request)

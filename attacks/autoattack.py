@@ -10,7 +10,6 @@ only if the model misclassifies that exact example.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from core.threat import NORMS
 from errors import UserError
 
 from .context import attack_mode
@@ -28,7 +28,7 @@ from .pgd import clip_exact
 
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-AA_NORMS = ("Linf", "L2")
+AA_NORMS = NORMS
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
@@ -82,7 +82,7 @@ class _Progress:
 
     @classmethod
     def load(cls, path: Path, fingerprint: dict) -> "_Progress":
-        from checkpoints.io import load_checkpoint
+        from core.torch_files import load_checkpoint
 
         state = load_checkpoint(path)
         if state.get("fingerprint") != fingerprint:
@@ -94,7 +94,7 @@ class _Progress:
     def save(self, state_path: Optional[str | Path]) -> None:
         if state_path is None:
             return
-        from checkpoints.io import save_checkpoint
+        from core.torch_files import save_checkpoint
 
         save_checkpoint({"fingerprint": self.fingerprint, "robust_flags": self.robust_flags,
                          "adv_index": self.adv_index, "adv_images": self.adv_images,
@@ -138,29 +138,6 @@ def _make_adversary(model: nn.Module, *, eps: float, norm: str, version: str, at
     return AutoAttack(model, norm=norm, eps=eps, seed=seed, verbose=verbose, version=version,
                       attacks_to_run=list(attacks or []), device=device,
                       log_path=str(log_path) if log_path is not None else None)
-
-
-@contextmanager
-def log_to(logger: logging.Logger, to_stdout: bool, log_path: Optional[str | Path]) -> Iterator[None]:
-    """Send ``logger``'s records (DEBUG and up) to stdout and/or a file for the duration of a run."""
-    handlers: list[logging.Handler] = []
-    if to_stdout:
-        handlers.append(logging.StreamHandler(sys.stdout))
-    if log_path is not None:
-        handlers.append(logging.FileHandler(log_path, mode="a"))
-    old_level = logger.level
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    if handlers:
-        logger.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-        logger.setLevel(old_level)
 
 
 @contextmanager

@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.threat import NORMS
 from errors import UserError
 
 from .context import attack_mode
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-NORMS = ("Linf", "L2")
 RANDOM_STARTS = ("uniform", "trades", "none")
 TRADES_START_STD = 0.001  # the released TRADES/GKL-AT scripts start from x + 0.001 * N(0, 1)
 _TINY = 1e-12

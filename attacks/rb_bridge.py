@@ -14,6 +14,7 @@ no longer ships. :func:`install` registers, only where the real thing is missing
 from __future__ import annotations
 
 import ast
+import logging
 import importlib
 import importlib.machinery
 import importlib.util
@@ -21,13 +22,14 @@ import json
 import sys
 import types
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
 from errors import UserError
 
-from .autoattack import log_to
 
 try:
     from pyautoattack import AutoAttack as _PyAutoAttack
@@ -100,6 +102,29 @@ def _register_alias() -> None:
         sys.modules[f"autoattack.{name}"] = sub
     alias.state = _state_module()  # type: ignore[attr-defined]
     sys.modules["autoattack.state"] = alias.state
+
+
+@contextmanager
+def log_to(logger: logging.Logger, to_stdout: bool, log_path: Optional[str | Path]) -> Iterator[None]:
+    """Send ``logger``'s records (DEBUG and up) to stdout and/or a file for the duration of a run."""
+    handlers: list[logging.Handler] = []
+    if to_stdout:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    if log_path is not None:
+        handlers.append(logging.FileHandler(log_path, mode="a"))
+    old_level = logger.level
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    if handlers:
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(old_level)
 
 
 def _state_module() -> types.ModuleType:

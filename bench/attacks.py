@@ -8,9 +8,9 @@ repeats of (torchattacks time / ours time), i.e. ours images/s over torchattacks
 (target >= 1.0). Median and best images/s per implementation are reported beside it; on a shared,
 loaded machine the best-of figures can come from one lucky quiet moment, the paired median cannot.
 
-    python bench/attacks.py                                 # small-cnn and wrn-10-1, 2 threads
-    python bench/attacks.py --models wrn-16-4 --batch 64 --append
-    python bench/attacks.py --device cuda --models wrn-28-10 --batch 256 --append   # on a GPU machine
+    python -m bench.attacks                                 # small-cnn and wrn-10-1, 2 threads
+    python -m bench.attacks --models wrn-16-4 --batch 64 --append
+    python -m bench.attacks --device cuda --models wrn-28-10 --batch 256 --append   # on a GPU machine
 """
 from __future__ import annotations
 
@@ -25,11 +25,9 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from attacks import pgd  # noqa: E402
-from data import Digits  # noqa: E402
-from models import build_model  # noqa: E402
+from attacks import pgd
+from data import Digits
+from models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attacks.md"
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 10
@@ -82,7 +80,7 @@ def compare(model_name: str, batch: int, repeats: int, device: torch.device) -> 
 def report(rows: list[dict], args: argparse.Namespace, device: torch.device) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"## `python bench/attacks.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+    lines = [f"## `python -m bench.attacks {' '.join(sys.argv[1:])}`".rstrip(), "",
              f"Machine: {os.cpu_count()}-core {platform.machine()}, {where}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s), float32, load average at the end {load:.1f}. "
              f"L-inf PGD-{STEPS}, eps 8/255, step 2/255, uniform start, {args.repeats} alternating repeats.", "",

@@ -1,8 +1,8 @@
 """Benchmark: GKL-AT step throughput on CPU with 1 vs 2 gloo processes at the same global batch.
 
-Run: ``.venv/bin/python bench/ddp_cpu.py`` (writes bench/results/ddp_cpu.md). Report only, no target.
+Run: ``.venv/bin/python -m bench.ddp_cpu`` (writes bench/results/ddp_cpu.md). Report only, no target.
 
-Every configuration runs ``Trainer.training_step`` (K-step PGD on the GKL objective, AWP, GKL-AT
+Every configuration runs ``training.engine.training_step`` (K-step PGD on the GKL objective, AWP, GKL-AT
 loss, SGD) on the same global batch of random images; with 2 processes each rank takes its half
 and DDP all-reduces the model's and the AWP proxy's gradients (gloo). Configurations: 1 process
 with 1 thread, 1 process with 2 threads, 2 processes with 1 thread each (the last two use the same
@@ -23,11 +23,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import SyntheticTrainer, bench_config  # noqa: E402
-
-from training import distributed as dist_utils  # noqa: E402
+from bench.train_step import bench_config, synthetic_step
+from training import distributed as dist_utils
 
 
 def _free_port() -> int:
@@ -42,17 +39,18 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))
     torch.manual_seed(0)
-    trainer = SyntheticTrainer(bench_config(args.arch, args.batch, args.k))
+    info = dist_utils.init_from_env("cpu")
+    m, step = synthetic_step(bench_config(args.arch, args.batch, args.k), torch.device("cpu"), distributed=info.enabled)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, trainer.num_classes, (args.batch,), generator=g)
+    y = torch.randint(0, m.num_classes, (args.batch,), generator=g)
     part = args.batch // world
     x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
     times = []
     for i in range(args.steps + 1):
         dist_utils.barrier()
         start = time.perf_counter()
-        trainer.training_step(x, y, epoch=1, lr=0.1)
+        step(x, y)
         dist_utils.barrier()
         if i:  # the first step is a warm-up
             times.append(time.perf_counter() - start)
@@ -84,7 +82,7 @@ def main() -> None:
         rows.append((world, threads, min(times), times))
         print(f"{world} process(es) x {threads} thread(s): best {min(times):.3f} s/step", flush=True)
     base = rows[0][2]
-    lines = [f"## `python bench/ddp_cpu.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+    lines = [f"## `python -m bench.ddp_cpu {' '.join(sys.argv[1:])}`".rstrip(), "",
              f"Machine: {os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, fp32, load "
              f"average at the end {os.getloadavg()[0]:.1f} (shared machine). Step: {args.arch}, C=100, global batch "
              f"{args.batch}, K={args.k}, AWP on; gloo.", "",

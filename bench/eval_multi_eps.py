@@ -5,8 +5,8 @@ the previous eps. Baseline: six independent suite runs, one eps each, on the sam
 and seeds. Reports the wall-time ratio and both robust accuracies per eps (shared must be the same
 or lower: it keeps every break found at a smaller eps).
 
-    python bench/eval_multi_eps.py                      # trains two tiny-cnn digits models (PGD-AT 8/255, 2/255)
-    python bench/eval_multi_eps.py --model runs/quick   # or any run folder / checkpoint
+    python -m bench.eval_multi_eps                      # trains two tiny-cnn digits models (PGD-AT 8/255, 2/255)
+    python -m bench.eval_multi_eps --model runs/quick   # or any run folder / checkpoint
 """
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from evaluation import SuiteSettings, load_eval_data, run_suite  # noqa: E402
-from training.config import eps_str  # noqa: E402
+from core.threat import eps_str
+from evaluation import SuiteSettings, load_eval_data, run_suite
 
 EPS = [e / 255 for e in (2, 4, 6, 8, 10, 12)]
 ATTACKS = ["pgd20", "aa"]

@@ -1,8 +1,8 @@
 """Benchmark: images/s and model FLOPs utilisation of the GKL-AT training step on one GPU.
 
-Run: ``python bench/gpu_throughput.py`` (on a CUDA machine; writes bench/results/gpu_throughput.md).
+Run: ``python -m bench.gpu_throughput`` (on a CUDA machine; writes bench/results/gpu_throughput.md).
 
-The step is ``Trainer.training_step`` itself (natural forward, K-step PGD on the GKL objective,
+The step is ``training.engine.training_step`` itself (natural forward, K-step PGD on the GKL objective,
 AWP proxy step, adversarial + natural forwards, backward, fused SGD, AWP restore, bank update)
 on WRN-34-10, C = 100, batch 128, K = 5, AWP on, one fixed batch already on the GPU (data loading
 is not timed). Variants, each in a fresh trainer:
@@ -29,11 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import SyntheticTrainer, step_flops  # noqa: E402
-
-from training.config import TrainConfig  # noqa: E402
+from bench.train_step import step_flops, synthetic_step
+from training.config import TrainConfig
 
 # Dense (no sparsity) peaks in TFLOP/s from NVIDIA's data sheets: (fp32, tf32, bf16).
 PEAKS = {"H100 80GB HBM3": (66.9, 494.7, 989.4),  # H100 SXM5
@@ -47,43 +44,45 @@ VARIANTS = {
 }
 
 
-def make_trainer(args: argparse.Namespace, variant: dict) -> SyntheticTrainer:
+def make_step(args: argparse.Namespace, variant: dict):
+    """``step(x, y)`` of a fresh model for ``variant`` (see ``bench.train_step.synthetic_step``)."""
     cfg = TrainConfig(dataset="cifar100", arch=args.arch, batch_size=args.batch, loss="gkl", eps=8 / 255,
                       attack_budget="fixed", attack_steps=args.steps_k, attack_step_size=2 / 255,
                       awp_gamma=0.005, awp_warmup=0, averaging="epoch-ema", device="cuda",
                       amp=variant["amp"], channels_last=variant["channels_last"],
                       compile=variant["compile"]).validate()
-    trainer = SyntheticTrainer(cfg)
     torch.backends.cuda.matmul.allow_tf32 = variant["tf32"]
     torch.backends.cudnn.allow_tf32 = variant["tf32"]
-    return trainer
+    torch.backends.cudnn.benchmark = True
+    _, step = synthetic_step(cfg, torch.device("cuda"))
+    return step
 
 
-def batch_for(trainer: SyntheticTrainer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_for(args: argparse.Namespace, variant: dict) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, trainer.num_classes, (batch,), generator=g)
-    return trainer._to_device(x, y)
-
-
+    x = torch.rand(args.batch, 3, 32, 32, generator=g).cuda()
+    y = torch.randint(0, 100, (args.batch,), generator=g).cuda()
+    if variant["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
 
 
 def time_variant(args: argparse.Namespace, name: str) -> dict:
     variant = VARIANTS[name]
-    trainer = make_trainer(args, variant)
-    x, y = batch_for(trainer, args.batch)
+    step = make_step(args, variant)
+    x, y = batch_for(args, variant)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    trainer.training_step(x, y, epoch=1, lr=0.1)  # first step: cudnn autotuning, compilation
+    step(x, y)  # first step: cudnn autotuning, compilation
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     for _ in range(args.warmup):
-        trainer.training_step(x, y, epoch=1, lr=0.1)
+        step(x, y)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        sums = trainer.training_step(x, y, epoch=1, lr=0.1)
+        sums = step(x, y)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     loss = (sums[0] / sums[-1]).item()
@@ -91,7 +90,7 @@ def time_variant(args: argparse.Namespace, name: str) -> dict:
            "first_step_s": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
     print(f"{name:>16}: {out['images_s']:8.1f} img/s  {1000 * out['step_s']:7.1f} ms/step  first step "
           f"{first:6.1f} s  peak {out['peak_gib']:.1f} GiB  loss {loss:.3f}", flush=True)
-    del trainer
+    del step
     torch.cuda.empty_cache()
     return out
 
@@ -108,7 +107,7 @@ def peaks_for(device_name: str, override: float | None) -> tuple[float, float, f
 def report(args: argparse.Namespace, rows: list[dict], flops: int, device: str, peaks: tuple) -> str:
     base = next((r for r in rows if r["variant"] == "fp32"), rows[0])
     peak_of = {"fp32": peaks[0], "tf32": peaks[1]}
-    lines = [f"## `python bench/gpu_throughput.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+    lines = [f"## `python -m bench.gpu_throughput {' '.join(sys.argv[1:])}`".rstrip(), "",
              f"Device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
              f"cuDNN {torch.backends.cudnn.version()}; Python {platform.python_version()}.",
              f"Step: {args.arch}, C=100, batch {args.batch}, K={args.steps_k} + AWP, GKL-AT; "
@@ -140,17 +139,17 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu_throughput.md"))
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu_throughput.py needs a CUDA device")
+        raise SystemExit("python -m bench.gpu_throughput needs a CUDA device")
     device = torch.cuda.get_device_name()
     peaks = peaks_for(device, args.peak_tflops)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
-    trainer = make_trainer(args, VARIANTS["tf32"])
-    x, y = batch_for(trainer, args.batch)
-    flops = step_flops(lambda: trainer.training_step(x, y, epoch=1, lr=0.1))
-    del trainer
+    step = make_step(args, VARIANTS["tf32"])
+    x, y = batch_for(args, VARIANTS["tf32"])
+    flops = step_flops(lambda: step(x, y))
+    step = None  # free the GPU memory before the timed variants
     print(f"{device}: {flops / 1e12:.2f} TFLOP per step", flush=True)
     rows = []
     for name in names:

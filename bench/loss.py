@@ -1,6 +1,6 @@
 """Benchmark: GKL loss forward+backward, O(B*C) identity vs the pairwise B x C x C form, on CPU.
 
-Run: ``.venv/bin/python bench/loss.py`` (writes bench/results/loss.md as well as printing).
+Run: ``.venv/bin/python -m bench.loss`` (writes bench/results/loss.md as well as printing).
 
 Both forms compute the full GKL loss in float32 (class-wise weights, gamma 0.4, BA on, the
 soft-label CE term included) and must agree in value. Time is the minimum wall time of one
@@ -30,8 +30,7 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import gkl_loss  # noqa: E402
+from losses import gkl_loss
 
 ALPHA, BETA, GAMMA = 20.0, 5.0, 0.4
 HEADER = """# GKL loss: O(B*C) form vs pairwise B x C x C form (forward+backward, CPU)
@@ -173,7 +172,7 @@ def main() -> None:
     rows = [run(args.batch, c, args.repeats, args.max_pairwise_gib * 2**30) for c in args.classes]
     text = report(rows)
     print(text)
-    command = " ".join(["python bench/loss.py", *sys.argv[1:]])
+    command = " ".join(["python -m bench.loss", *sys.argv[1:]])
     section = f"## `{command}`\n\n{text}\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and args.out.exists():

@@ -1,12 +1,12 @@
 """Benchmark: one GKL-AT training step of this project vs a step with the released code's structure.
 
-Run: ``.venv/bin/python bench/train_step.py`` (CPU, fp32, one process; writes bench/results/train_step.md).
+Run: ``.venv/bin/python -m bench.train_step`` (CPU, fp32, one process; writes bench/results/train_step.md).
 
 Both steps train the same network (WRN-16-4, C = 100) on the same batch (B = 64) with K = 5 PGD
 steps on the GKL objective, AWP on, GKL-AT training loss, SGD with momentum and weight decay, and
 a score-bank update. They differ only in how the work is organised:
 
-- project: ``Trainer.training_step`` (natural logits computed once before the attack; O(B*C) wMSE;
+- project: ``training.engine.training_step`` (natural logits computed once before the attack; O(B*C) wMSE;
   one AWP proxy built once and refreshed in place with foreach copies);
 - released structure: natural logits recomputed at every attack step, the pairwise B x C x C wMSE
   (attack objective and training loss), the AWP proxy refreshed by ``load_state_dict(model.state_dict())``
@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -34,21 +35,26 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.config import TrainConfig  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from data import NUM_CLASSES
+from training import engine
+from training.config import TrainConfig
+from training.schedules import attack_budget
 
 AWP_GAMMA = 0.005
 
 
-class SyntheticTrainer(Trainer):
-    """A ``Trainer`` without a dataset: benchmarks feed their own batches to ``training_step``."""
+def synthetic_step(cfg: TrainConfig, device: torch.device, distributed: bool = False
+                   ) -> tuple[engine.StepModules, Callable[..., torch.Tensor]]:
+    """The step modules of ``cfg`` (no dataset) and ``step(x, y) -> metric sums`` running epoch 1's step."""
+    m = engine.build_step(cfg, NUM_CLASSES[cfg.dataset], device, amp=cfg.amp == "bf16", distributed=distributed)
+    budget = attack_budget(cfg.eps, 1, cfg.epochs, eps_schedule=cfg.eps_schedule, budget=cfg.attack_budget,
+                           steps=cfg.attack_steps, step_size=cfg.attack_step_size)
+    count = [0]
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg, Path("unused-run-dir"), progress=False)
-
-    def _build_data(self) -> None:
-        self.n_views = 1
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        return engine.training_step(m, x, y, budget=budget, lr=cfg.lr, awp_on=cfg.awp_warmup <= 1, step=count[0])
+    return m, step
 
 
 def pairwise_gkl(o_m: torch.Tensor, o_n: torch.Tensor, v: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -164,15 +170,15 @@ def step_flops(fn) -> int:
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     cfg = bench_config(args.arch, args.batch, args.k)
-    trainer = SyntheticTrainer(cfg)
-    baseline = ReleasedStyleStep(copy.deepcopy(trainer.model), cfg)
+    m, step = synthetic_step(cfg, torch.device("cpu"))
+    baseline = ReleasedStyleStep(copy.deepcopy(m.model), cfg)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, trainer.num_classes, (args.batch,), generator=g)
-    scores = trainer.bank.weights(y)
+    y = torch.randint(0, m.num_classes, (args.batch,), generator=g)
+    scores = m.bank.weights(y)
 
     def ours() -> float:
-        sums = trainer.training_step(x, y, epoch=1, lr=cfg.lr)
+        sums = step(x, y)
         return (sums[0] / sums[-1]).item()
 
     def theirs() -> float:
@@ -197,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report(args: argparse.Namespace, r: dict) -> str:
-    lines = [f"## `python bench/train_step.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+    lines = [f"## `python -m bench.train_step {' '.join(sys.argv[1:])}`".rstrip(), "",
              f"Machine: {os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s), fp32, load average at the end "
              f"{os.getloadavg()[0]:.1f}. Step: {args.arch}, C=100, B={args.batch}, K={args.k}, AWP on.",

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic save, safe load, run-folder lookup, RobustBench export."""
+"""Checkpoint files: atomic save, safe load, resume fallbacks, and loading models from run folders."""
 from .io import load_checkpoint, save_checkpoint
 
 __all__ = ["load_checkpoint", "save_checkpoint"]

@@ -1,112 +1,30 @@
-"""Atomic checkpoint writing, safe loading and the checks a resume needs.
+"""Checkpoint folders: what a resume needs besides the atomic writer and the safe loader.
 
-A checkpoint is one dict of tensors and plain Python values, so it loads with
-``torch.load(..., weights_only=True)``: no pickled code is ever executed. It is written to a temp
-file in the same folder (``.NAME.<random>.tmp``), fsync'ed and renamed over ``NAME``, so a crash at
-any moment leaves the previous complete file or the new complete file, never a partial one.
+Writing and loading live in :mod:`core.torch_files` (re-exported here): a checkpoint is one dict of
+tensors and plain Python values, loaded with ``torch.load(..., weights_only=True)`` and written
+atomically, so a crash at any moment leaves the previous complete file or the new one.
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
-import pickle
-import re
-import secrets
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 
+from core.files import TEMP_GLOB, remove_temp_files
+from core.torch_files import (CheckpointUnreadable, UnsafeCheckpoint, load_checkpoint, save_checkpoint,  # noqa: F401
+                              write_failure)
 from errors import UserError
 
 LAST = "last.pt"
 EPOCH_GLOB = "epoch_*.pt"
-# Temp files this project writes next to their targets: checkpoints, checkpoint links, the CSV log, the
-# run-folder write probe. A SIGKILL can leave them behind; a resume removes them.
-TEMP_PATTERNS = (".*.pt.*.tmp", ".*.pt.link", ".log.csv.tmp", ".write_probe")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_UNSAFE_DETAIL = re.compile(r"Unsupported (?:global: GLOBAL [\w.]+|operand \d+|[a-z]+: [\w.]+)")
-
-
-class CheckpointUnreadable(UserError):
-    """The file is truncated, corrupted or not a PyTorch checkpoint."""
-
-
-class UnsafeCheckpoint(UserError):
-    """Loading the file would need arbitrary pickled objects (which can run code)."""
-
-
-# --------------------------------------------------------------------------------------- writing
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _create_temp(path: Path) -> tuple[int, Path]:
-    """Open a new temp file next to ``path`` with the umask's permissions (mkstemp would force 0600)."""
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temp file name", str(path.parent))
-
-
-def _os_error_in(exc: BaseException) -> Optional[OSError]:
-    """The OSError behind ``exc`` (torch's zip writer wraps a failed write in a RuntimeError)."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, OSError):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def write_failure(path: Path, err: OSError, kept: str = "the previous checkpoint is kept") -> UserError:
-    """The one-line error for a checkpoint (or log) that could not be written; ``kept`` says what is safe."""
-    reason = err.strerror or str(err)
-    hint = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
-    return UserError(f"cannot write {path}: {reason} (errno {err.errno}); {kept}. "
-                     f"{hint.capitalize()}, then continue with --resume")
-
-
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename.
-
-    A crash at any moment leaves either the previous complete file or the new complete file; a
-    failed write (disk full, permissions) removes its temp file and raises ``UserError``.
-    """
-    path = Path(path)
-    tmp: Optional[Path] = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        cause = _os_error_in(e) if isinstance(e, (OSError, RuntimeError)) else None
-        if cause is not None:
-            raise write_failure(path, cause) from None
-        raise
-    _fsync_dir(path.parent)
-    return path
+# Temp files this project writes next to their targets (checkpoints, the CSV log, the run-folder
+# write probe; ``.NAME.pt.link`` from run folders of earlier versions). A SIGKILL can leave them
+# behind; a resume removes them.
+TEMP_PATTERNS = (TEMP_GLOB, ".*.pt.link", ".write_probe.*")
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
@@ -114,16 +32,7 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
 
     Call it only when no other process writes into ``folder`` (at the start of a resume).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for pattern in TEMP_PATTERNS:
-        for p in folder.glob(pattern):
-            if p.is_file():
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return sorted(removed)
+    return remove_temp_files(folder, TEMP_PATTERNS)
 
 
 def tensor_bytes(state: Any) -> int:
@@ -181,36 +90,6 @@ def check_compatible(state: dict[str, Any], path: str | os.PathLike, *, arch: st
 
 
 # --------------------------------------------------------------------------------------- loading
-def _first_sentence(text: str, limit: int = 160) -> str:
-    lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
-    return lines[0].split(". ")[0].rstrip(".")[:limit] if lines else ""
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; refuse files that need arbitrary pickles.
-
-    Raises ``UnsafeCheckpoint`` (nothing in the file is executed) or ``CheckpointUnreadable``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (pass a run folder or an existing .pt file)")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _UNSAFE_DETAIL.search(_ANSI.sub("", str(e)))
-        detail = found.group(0) if found else _first_sentence(str(e))
-        raise UnsafeCheckpoint(
-            f"refusing to load {path}: it needs arbitrary pickled objects, which could run code ({detail}); "
-            "only load files you trust, re-saved as a plain dict of tensors (model.state_dict())") from None
-    except torch.OutOfMemoryError:  # a RuntimeError, but not the file's fault
-        raise
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:
-        raise CheckpointUnreadable(f"cannot read checkpoint {path}: {_first_sentence(str(e)) or type(e).__name__} "
-                                   "(the file is truncated or not a PyTorch checkpoint)") from None
-
-
 def load_latest_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu"
                            ) -> tuple[Path, dict[str, Any], list[str]]:
     """The newest complete checkpoint in a run's ``checkpoints/`` folder: ``(path, state, notes)``.

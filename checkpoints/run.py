@@ -224,3 +224,21 @@ def load_robustbench_model(name: str, *, model_dir: str | os.PathLike = "./model
             "dataset": dataset, "num_classes": {"cifar10": 10, "cifar100": 100}.get(dataset), "epoch": None, "global_step": None,
             "weights": "robustbench", "config": None, "notes": []}
     return model.to(device).eval(), info
+
+
+def run_folder_of(source: str | os.PathLike) -> Optional[Path]:
+    """The run folder ``source`` is, or holds the checkpoint ``source`` (``RUN/checkpoints/x.pt``); else None."""
+    src = Path(source)
+    if src.is_dir():
+        return src
+    if src.parent.name == "checkpoints" and (src.parent.parent / "config.yaml").is_file():
+        return src.parent.parent
+    return None
+
+
+def default_out_dir(source: str | os.PathLike, name: str) -> Path:
+    """Where a tool writes its output for ``source`` by default: ``RUN/NAME`` inside a run folder,
+    else ``NAME_<stem>`` beside a checkpoint file."""
+    run = run_folder_of(source)
+    src = Path(source)
+    return run / name if run is not None else src.parent / f"{name}_{src.stem}"

@@ -2,26 +2,35 @@
 
 All datasets yield ``(image, label)`` with images as float tensors in [0, 1] (or, in two-view
 mode, a pair of such tensors) and share the torchvision CIFAR interface (``data``, ``targets``).
+The names below are imported on first use, so that ``python -m data.convert_generated`` stays
+free of torch.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
-from torch.utils.data import Dataset
-
-from .digits import Digits
-from .sampler import EpochBatchSampler, SeededDataset
-from .transforms import AUGMENTATIONS, eval_transform, train_transform
+import importlib
+from typing import Any, Callable, Optional
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 DATASETS = tuple(NUM_CLASSES)
+_LAZY = {"Digits": ".digits", "EpochBatchSampler": ".sampler", "SeededDataset": ".sampler",
+         "AUGMENTATIONS": ".transforms", "eval_transform": ".transforms", "train_transform": ".transforms"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_dataset(name: str, train: bool, data_dir: str = "./datasets", download: bool = False,
-                  transform: Optional[Callable] = None) -> Dataset:
+                  transform: Optional[Callable] = None):
     """Return the train or test split of ``name`` with ``transform`` (default: plain to-tensor)."""
+    from .transforms import eval_transform
+
     transform = transform or eval_transform()
     if name == "digits":
+        from .digits import Digits
+
         return Digits(train=train, transform=transform)
     if name in ("cifar10", "cifar100"):
         from .cifar import cifar_dataset

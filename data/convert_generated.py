@@ -12,11 +12,11 @@ stored or deflated. The output folder holds::
     index.json        counts, shapes, dtypes, num_classes, class counts, sources, file sizes and
                       SHA-256 digests of every shard file (``sha256sum images_00000.npy`` matches)
 
-The folder is written under a temporary name and renamed when complete, so a failed or
-interrupted conversion never leaves a folder that looks valid. This module does not import
-torch, so that the converter's own memory stays small. Run it by path::
+The folder is written under a temporary name and renamed when complete (``core.files.atomic_folder``),
+so a failed or interrupted conversion never leaves a folder that looks valid. This module does not
+import torch, so that the converter's own memory stays small. Run it as a module::
 
-    python data/convert_generated.py IN.npz [IN2.npz ...] OUT_DIR [--shard-size N] [--num-classes C]
+    python -m data.convert_generated IN.npz [IN2.npz ...] OUT_DIR [--shard-size N] [--num-classes C]
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import zipfile
 import zlib
@@ -36,14 +35,8 @@ import numpy as np
 from numpy.lib import format as npy_format
 from tqdm import tqdm
 
-if not __package__:  # run by path: import `errors` from the repository root, not from data/
-    _HERE, _ROOT = Path(__file__).resolve().parent, str(Path(__file__).resolve().parent.parent)
-    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _HERE:
-        sys.path[0] = _ROOT
-    elif _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
-
-from errors import UserError  # noqa: E402
+from core.files import atomic_folder
+from errors import UserError
 
 PathLike = Union[str, os.PathLike]
 IMAGE_SHAPE = (32, 32, 3)
@@ -340,26 +333,19 @@ def convert(inputs: Sequence[PathLike], out_dir: PathLike, shard_size: int = DEF
     if total == 0:
         raise UserError(f"the inputs hold no images ({', '.join(map(str, inputs))}); pass non-empty .npz files")
     num_classes = num_classes or max(len(s.class_counts) for s in sources)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        tmp.mkdir()
-        writer = ShardWriter(tmp, total, shard_size)
-        with tqdm(total=total, unit="img", unit_scale=True, desc="converting", disable=not progress) as bar:
-            for src in sources:
-                _copy_source(src, writer, chunk_size, bar)
-        index = _index(sources, writer.finish(), num_classes, shard_size)
-        with open(tmp / INDEX_NAME, "w") as f:
-            json.dump(index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)  # also replaces an empty existing folder (checked above)
+        with atomic_folder(out) as tmp:  # renamed over an empty existing folder (checked above)
+            writer = ShardWriter(tmp, total, shard_size)
+            with tqdm(total=total, unit="img", unit_scale=True, desc="converting", disable=not progress) as bar:
+                for src in sources:
+                    _copy_source(src, writer, chunk_size, bar)
+            index = _index(sources, writer.finish(), num_classes, shard_size)
+            with open(tmp / INDEX_NAME, "w") as f:
+                json.dump(index, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"converting into {out} failed ({exc}); check the disk space and paths") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index
 
 

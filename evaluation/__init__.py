@@ -1,10 +1,17 @@
 """Evaluation: the multi-epsilon attack suite, worst case, sanity checks, reports and plots."""
 from .checks import sanity_checks
 from .inputs import load_eval_data
-from .report import environment_info, report_dict, table_attacks, table_eps, write_reports
+from .report import (
+           environment_info,
+           report_dict,
+           table_attacks,
+           table_eps,
+           write_reports,
+)
+from .results import AttackResult, SuiteResult, SuiteSettings, attack_seed
 from .spec import AttackSpec, parse_attack, parse_attacks
 from .store import ResultStore
-from .suite import AttackResult, SuiteResult, SuiteSettings, attack_seed, run_suite, summary_line
+from .suite import run_suite, summary_line
 
 __all__ = ["AttackResult", "AttackSpec", "ResultStore", "SuiteResult", "SuiteSettings", "attack_seed",
            "environment_info", "load_eval_data", "parse_attack", "parse_attacks", "report_dict",

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from training.config import eps_str
+from core.threat import eps_str
 
 if TYPE_CHECKING:
-    from .suite import SuiteResult
+    from .results import SuiteResult
 
 
 def _pct(value: float) -> str:
@@ -38,8 +38,8 @@ def monotone_in_eps(result: "SuiteResult") -> list[str]:
 def autoattack_not_weaker(result: "SuiteResult") -> list[str]:
     """AutoAttack (white-box) accuracy must be <= every PGD/CW accuracy at the same eps."""
     specs = result.settings.attacks
-    autoattacks = [a for a in specs if a.is_autoattack and a.white_box]
-    iteratives = [a for a in specs if a.kind in ("pgd", "cw")]
+    autoattacks = [a for a in specs if a.family == "autoattack" and a.white_box]
+    iteratives = [a for a in specs if a.family == "iterative"]
     messages = []
     for eps in result.settings.eps:
         for aa in autoattacks:

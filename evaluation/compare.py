@@ -5,21 +5,18 @@ run: clean accuracy and the robust accuracy of every (attack, eps) it holds.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from errors import UserError
 
+from .report import EvalReport, read_report, report_path
 
-def load_report(run: str | Path) -> dict:
-    path = Path(run)
-    path = path if path.suffix == ".json" else path / "eval" / "report.json"
-    if not path.is_file():
-        raise UserError(f"no evaluation report at {path}: run eval_autoattack.py {run} first")
-    with open(path) as f:
-        return json.load(f)
+
+def load_report(run: str | Path) -> EvalReport:
+    """The report of ``RUN`` (``RUN/eval/report.json``) or of a ``report.json`` path."""
+    return read_report(report_path(run), missing_hint=f"run eval_autoattack.py {run} first")
 
 
 def comparison_table(runs: Sequence[str]) -> str:
@@ -27,16 +24,16 @@ def comparison_table(runs: Sequence[str]) -> str:
     reports = [load_report(r) for r in runs]
     columns: list[tuple[str, str]] = []
     for rep in reports:
-        for r in rep["results"]:
-            key = (r["label"], r["eps_str"])
+        for r in rep.rows:
+            key = (r.label, r.eps_str)
             if key not in columns:
                 columns.append(key)
     header = "| run | clean | " + " | ".join(f"{a} {e}" for a, e in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
     for run, rep in zip(runs, reports):
-        by_key = {(r["label"], r["eps_str"]): r["robust_accuracy"] for r in rep["results"]}
+        by_key = {(r.label, r.eps_str): r.robust_accuracy for r in rep.rows}
         cells = [f"{100 * by_key[c]:.2f}" if c in by_key else "" for c in columns]
-        lines.append(f"| {run} | {100 * rep['clean_accuracy']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run} | {100 * rep.clean_accuracy:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

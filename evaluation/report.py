@@ -6,22 +6,23 @@ in tables are percentages with two decimals; the JSON keeps exact counts and fra
 """
 from __future__ import annotations
 
-import datetime as _dt
-import importlib.metadata
 import json
 import os
 import platform
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pandas as pd
 import torch
 
-from training.config import eps_str
+from core.files import atomic_write
+from core.provenance import now_iso, package_versions
+from core.threat import eps_str
+from errors import UserError
 
-from .suite import SuiteResult
+from .results import SuiteResult
 
 REPORT_FILES = {"json": "report.json", "markdown": "report.md", "table_eps": "table_eps.csv",
                 "table_attacks": "table_attacks.csv", "per_sample": "per_sample.csv",
@@ -79,12 +80,7 @@ def per_sample_frame(result: SuiteResult) -> pd.DataFrame:
 
 def environment_info(device: Optional[torch.device] = None) -> dict[str, Any]:
     """Library versions, Python, platform and accelerator: what a reader needs to reproduce."""
-    versions = {}
-    for package in _PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:  # e.g. a copied package without its dist-info
-            versions[package] = getattr(sys.modules.get(package), "__version__", None)
+    versions = package_versions(_PACKAGES)
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
             "device": str(device) if device is not None else None}
     if device is not None and device.type == "cuda":
@@ -108,7 +104,7 @@ def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> d
     per_sample = {"clean": _bits(result.clean)}
     for eps in result.settings.eps:
         per_sample[eps_str(eps)] = {n: _bits(result.robust(eps, n)) for n in result.attack_names + ["worst"]}
-    return {"created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    return {"created": now_iso(),
             "settings": result.settings.as_dict(), **(meta or {}),
             "n": result.n, "clean_accuracy": result.clean.float().mean().item(),
             "clean_count": int(result.clean.sum()), "results": rows, "warnings": list(result.warnings),
@@ -170,19 +166,7 @@ def plot_robustness(result: SuiteResult, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png"), binary=True)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def write_reports(result: SuiteResult, out_dir: str | os.PathLike,
@@ -191,10 +175,70 @@ def write_reports(result: SuiteResult, out_dir: str | os.PathLike,
     out = Path(out_dir)
     paths = {kind: out / name for kind, name in REPORT_FILES.items()}
     data = report_dict(result, meta)
-    _atomic_write(paths["json"], lambda f: json.dump(data, f, indent=1, default=str))
-    _atomic_write(paths["markdown"], lambda f: f.write(markdown_report(result, meta)))
-    _atomic_write(paths["table_eps"], lambda f: table_eps(result).to_csv(f))
-    _atomic_write(paths["table_attacks"], lambda f: table_attacks(result).to_csv(f))
-    _atomic_write(paths["per_sample"], lambda f: per_sample_frame(result).to_csv(f))
+    atomic_write(paths["json"], lambda f: json.dump(data, f, indent=1, default=str), binary=False)
+    atomic_write(paths["markdown"], lambda f: f.write(markdown_report(result, meta)), binary=False)
+    atomic_write(paths["table_eps"], lambda f: table_eps(result).to_csv(f), binary=False)
+    atomic_write(paths["table_attacks"], lambda f: table_attacks(result).to_csv(f), binary=False)
+    atomic_write(paths["per_sample"], lambda f: per_sample_frame(result).to_csv(f), binary=False)
     plot_robustness(result, paths["plot"])
     return paths
+
+
+# ------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class ReportRow:
+    """One (eps, attack) figure of a report (``attack`` may be ``worst``)."""
+
+    eps: float
+    eps_str: str
+    attack: str
+    label: str
+    robust_accuracy: float
+    n: Optional[int]
+
+
+@dataclass
+class EvalReport:
+    """A ``report.json`` written by :func:`write_reports`, read back (the one reader of that file)."""
+
+    path: Path
+    clean_accuracy: float
+    n: Optional[int]
+    norm: Optional[str]
+    dataset: Optional[str]
+    split: Optional[str]
+    model: dict[str, Any]
+    rows: list[ReportRow]
+    raw: dict[str, Any]
+
+    def find(self, attack: str, eps: float, tol: float = 1e-6) -> Optional[ReportRow]:
+        """The row of ``attack`` at ``eps`` (up to ``tol``), or None."""
+        return next((r for r in self.rows if r.attack == attack and abs(r.eps - eps) < tol), None)
+
+
+def report_path(source: str | os.PathLike) -> Path:
+    """``source`` itself when it is a ``.json`` file, else the report of the run folder ``source``."""
+    path = Path(source)
+    return path if path.suffix == ".json" else path / "eval" / REPORT_FILES["json"]
+
+
+def read_report(path: str | os.PathLike, *, missing_hint: str = "run eval_autoattack.py first") -> EvalReport:
+    """Read and check a report; a missing, unreadable or foreign file is a ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no evaluation report at {path}: {missing_hint}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read evaluation report {path}: {str(e).splitlines()[0][:200]} "
+                        "(rerun eval_autoattack.py)") from None
+    if not isinstance(raw, dict) or "results" not in raw or "clean_accuracy" not in raw:
+        raise UserError(f"{path} is not a report.json written by eval_autoattack.py (no results/clean_accuracy)")
+    settings, data = raw.get("settings") or {}, raw.get("data") or {}
+    try:
+        rows = [ReportRow(float(r.get("eps", "nan")), str(r.get("eps_str", "")), str(r.get("attack", "")),
+                          str(r.get("label", "")), float(r["robust_accuracy"]), r.get("n")) for r in raw["results"]]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise UserError(f"{path} has malformed results rows: rerun eval_autoattack.py") from None
+    return EvalReport(path, float(raw["clean_accuracy"]), raw.get("n"), settings.get("norm"), data.get("dataset"),
+                      data.get("split"), dict(raw.get("model") or {}), rows, raw)

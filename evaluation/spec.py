@@ -1,25 +1,34 @@
-"""Names of the evaluation attacks (``clean``, ``pgd20``, ``cw10``, ``aa``, ``aa:apgd-ce,apgd-t`` ...).
+"""The evaluation attacks: one table (:data:`ATTACKS`) from names to what runs.
 
-A name parses into an :class:`AttackSpec`, which says what to run and how to label it in tables.
+Names: ``clean``, ``pgdK`` / ``cwK`` (any K), ``aa`` / ``aa-plus`` / ``aa-rand`` (AutoAttack
+versions) and ``aa:apgd-ce,apgd-t,...`` (a custom AutoAttack list). Each entry of the table says
+how its names parse, what runs, whether it is white-box, its family (sanity checks compare
+families) and its column title. The suite dispatches through the table; a name no entry accepts
+is a ``UserError`` listing the forms, never a silent default.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable, Optional
 
+from core.registry import Registry
 from errors import UserError
+
+from . import runners
 
 AA_COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 AA_VERSIONS = {"aa": "standard", "aa-plus": "plus", "aa-rand": "rand"}
+AA_LABELS = {"standard": "AA", "plus": "AA+", "rand": "AA-rand"}
 BLACK_BOX_COMPONENTS = ("square",)
 PGD_STEP_FRACTION = 0.25  # step = eps / 4: the paper's 2/255 at 8/255, scaled to every eps
-EXAMPLES = "clean, pgd10, pgd20, cw10, cw20, aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t"
+FAMILIES = ("clean", "iterative", "autoattack")
 _ITERATIVE = re.compile(r"^(pgd|cw)(\d+)$")
 
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One evaluation attack: ``kind`` is clean | pgd | cw | aa."""
+    """One evaluation attack as named on the command line: ``kind`` is a key of :data:`ATTACKS`."""
 
     name: str
     kind: str
@@ -28,52 +37,109 @@ class AttackSpec:
     components: tuple[str, ...] = ()
 
     @property
+    def entry(self) -> "EvalAttack":
+        return ATTACKS[self.kind]
+
+    @property
     def label(self) -> str:
         """Column title in the paper's style (``PGD-20``, ``CW-10``, ``AA``)."""
-        if self.kind == "clean":
-            return "Clean"
-        if self.kind in ("pgd", "cw"):
-            return f"{self.kind.upper()}-{self.steps}"
-        if self.version == "custom":
-            return "AA(" + ",".join(self.components) + ")"
-        return {"standard": "AA", "plus": "AA+", "rand": "AA-rand"}[self.version]
+        return self.entry.label(self)
+
+    @property
+    def family(self) -> str:
+        return self.entry.family
 
     @property
     def is_autoattack(self) -> bool:
-        return self.kind == "aa"
+        return self.family == "autoattack"
 
     @property
     def black_box_only(self) -> bool:
         """True for an AutoAttack list made of black-box attacks only (e.g. ``aa:square``)."""
-        return self.kind == "aa" and bool(self.components) and all(
+        return self.is_autoattack and bool(self.components) and all(
             c in BLACK_BOX_COMPONENTS for c in self.components)
 
     @property
     def white_box(self) -> bool:
-        return self.kind in ("pgd", "cw") or (self.kind == "aa" and not self.black_box_only)
+        return self.entry.white_box(self)
+
+
+@dataclass(frozen=True)
+class EvalAttack:
+    """One kind of evaluation attack: how its names parse, what runs, how it reads in tables."""
+
+    kind: str
+    forms: str  # the accepted names, for error messages and --help
+    parse: Callable[[str, str], Optional[AttackSpec]]  # (lower-cased name, as typed) -> spec, or None
+    label: Callable[[AttackSpec], str]
+    family: str  # one of FAMILIES
+    white_box: Callable[[AttackSpec], bool]
+    run: Optional[runners.RunFn] = None  # None: nothing to run (clean)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"evaluation attack {self.kind}: family must be one of {FAMILIES}")
+
+
+def _parse_clean(text: str, name: str) -> Optional[AttackSpec]:
+    return AttackSpec("clean", "clean") if text == "clean" else None
+
+
+def _iterative_parser(kind: str) -> Callable[[str, str], Optional[AttackSpec]]:
+    def parse(text: str, name: str) -> Optional[AttackSpec]:
+        match = _ITERATIVE.match(text)
+        if not match or match.group(1) != kind:
+            return None
+        steps = int(match.group(2))
+        if steps < 1:
+            raise UserError(f"attack {name!r} needs at least one step, e.g. {kind}10")
+        return AttackSpec(f"{kind}{steps}", kind, steps=steps)
+    return parse
+
+
+def _parse_autoattack(text: str, name: str) -> Optional[AttackSpec]:
+    if text in AA_VERSIONS:
+        return AttackSpec(text, "aa", version=AA_VERSIONS[text])
+    if not text.startswith("aa:"):
+        return None
+    parts = tuple(p.strip() for p in text[3:].split(",") if p.strip())
+    bad = [p for p in parts if p not in AA_COMPONENTS]
+    if not parts or bad:
+        raise UserError(f"unknown AutoAttack component(s) {', '.join(bad) or '(none)'} in {name!r}; "
+                        f"choose from: {', '.join(AA_COMPONENTS)}")
+    parts = tuple(dict.fromkeys(parts))
+    return AttackSpec("aa:" + ",".join(parts), "aa", version="custom", components=parts)
+
+
+def _aa_label(spec: AttackSpec) -> str:
+    return "AA(" + ",".join(spec.components) + ")" if spec.version == "custom" else AA_LABELS[spec.version]
+
+
+ATTACKS: Registry[EvalAttack] = Registry("evaluation attack")
+
+
+def register(entry: EvalAttack) -> EvalAttack:
+    """Add an evaluation attack kind to :data:`ATTACKS` (a kind may be registered once)."""
+    return ATTACKS.add(entry.kind, entry)
+
+
+register(EvalAttack("clean", "clean", _parse_clean, lambda s: "Clean", "clean", lambda s: False))
+register(EvalAttack("pgd", "pgdK (PGD-K on the CE loss)", _iterative_parser("pgd"), lambda s: f"PGD-{s.steps}",
+                    "iterative", lambda s: True, runners.run_iterative))
+register(EvalAttack("cw", "cwK (PGD-K on the CW margin)", _iterative_parser("cw"), lambda s: f"CW-{s.steps}",
+                    "iterative", lambda s: True, runners.run_iterative))
+register(EvalAttack("aa", "aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t,...", _parse_autoattack, _aa_label,
+                    "autoattack", lambda s: not s.black_box_only, runners.run_autoattack))
+EXAMPLES = "clean, pgd10, pgd20, cw10, cw20, aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t"
 
 
 def parse_attack(name: str) -> AttackSpec:
-    """Parse one attack name; unknown names raise ``UserError`` listing the accepted forms."""
+    """Parse one attack name; a name no entry of :data:`ATTACKS` accepts raises ``UserError``."""
     text = name.strip().lower()
-    if text == "clean":
-        return AttackSpec("clean", "clean")
-    match = _ITERATIVE.match(text)
-    if match:
-        steps = int(match.group(2))
-        if steps < 1:
-            raise UserError(f"attack {name!r} needs at least one step, e.g. {match.group(1)}10")
-        return AttackSpec(f"{match.group(1)}{steps}", match.group(1), steps=steps)
-    if text in AA_VERSIONS:
-        return AttackSpec(text, "aa", version=AA_VERSIONS[text])
-    if text.startswith("aa:"):
-        parts = tuple(p.strip() for p in text[3:].split(",") if p.strip())
-        bad = [p for p in parts if p not in AA_COMPONENTS]
-        if not parts or bad:
-            raise UserError(f"unknown AutoAttack component(s) {', '.join(bad) or '(none)'} in {name!r}; "
-                            f"choose from: {', '.join(AA_COMPONENTS)}")
-        parts = tuple(dict.fromkeys(parts))
-        return AttackSpec("aa:" + ",".join(parts), "aa", version="custom", components=parts)
+    for entry in ATTACKS.values():
+        spec = entry.parse(text, name)
+        if spec is not None:
+            return spec
     raise UserError(f"unknown attack {name!r}; choose from: {EXAMPLES} (pgdN and cwN take any N)")
 
 

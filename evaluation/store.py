@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from checkpoints.io import load_checkpoint, save_checkpoint
+from core.torch_files import load_checkpoint, save_checkpoint
 from errors import UserError
 
 
@@ -61,8 +61,8 @@ class ResultStore:
     def result_path(self, attack: str, eps: float, key: str) -> Path:
         return self._path(attack, eps, key, ".pt")
 
-    def aa_state_path(self, attack: str, eps: float, key: str) -> Path:
-        """Where AutoAttack keeps its own resumable state for this (eps, attack)."""
+    def state_path(self, attack: str, eps: float, key: str) -> Path:
+        """Where an attack that can resume mid-way (AutoAttack) keeps its state for this (eps, attack)."""
         path = self._path(attack, eps, key, ".aa_state.pt")
         if not self.resume and path.exists():
             path.unlink()  # a fresh run must not continue an older, possibly unfinished one

@@ -5,17 +5,16 @@ from typing import Callable
 
 import torch.nn as nn
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from core.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model name")
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a constructor ``fn(num_classes, **kwargs) -> nn.Module`` under ``name``."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in MODELS:
-            raise ValueError(f"model name registered twice: {name}")
-        MODELS[name] = fn
-        return fn
+        return MODELS.add(name, fn)
 
     return wrap
 

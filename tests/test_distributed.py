@@ -105,14 +105,14 @@ def _worker(rank: int, root: str, port: int) -> None:
 
 def _gkl_logit_grads(rows: slice) -> tuple:
     """Gradients of the robust term (gamma = 0.4, uneven bank rows) for logits ``rows`` of one batch of 8."""
-    from training.objectives import LossSpec, _robust_term
+    from training.methods import LossSpec, gkl_term
 
     gen = torch.Generator().manual_seed(0)
     o_nat, o_adv = torch.randn(2, 8, 10, generator=gen).mul(3)
     scores = torch.softmax(torch.randn(8, 10, generator=gen) * 3, dim=1)
     o_nat, o_adv = o_nat[rows].requires_grad_(), o_adv[rows].requires_grad_()
     spec = LossSpec("gkl", alpha=20.0, beta=4.0, gamma=0.4)
-    loss, _ = _robust_term(spec, o_nat, o_adv, scores[rows])
+    loss, _ = gkl_term(spec, o_nat, o_adv, scores[rows])
     return torch.autograd.grad(loss, (o_nat, o_adv))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from data.transforms import eval_transform
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "data" / "convert_generated.py"
+MODULE = "data.convert_generated"  # run as ``python -m data.convert_generated`` from the repository root
 N_BIG, BLOCK, SHARD = 200_000, 25_000, 65_536  # shards do not line up with blocks or chunks
 IMAGE_BYTES = 32 * 32 * 3
 _POOL_OFFSETS = 1_000_003  # prime, > N_BIG: distinct offsets for all images
@@ -63,13 +64,13 @@ def _shard_range(folder: Path, index: dict, a: int, b: int) -> tuple[np.ndarray,
 
 
 def _run_converter(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, sys.executable, str(SCRIPT), *args],
+    return subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, sys.executable, "-m", MODULE, *args],
                           capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A 200k-image uncompressed .npz converted by path in a subprocess: (folder, peak RSS bytes)."""
+    """A 200k-image uncompressed .npz converted by ``python -m`` in a subprocess: (folder, peak RSS bytes)."""
     tmp = tmp_path_factory.mktemp("generated_big")
     images, labels = np.empty((N_BIG, 32, 32, 3), np.uint8), np.empty(N_BIG, np.int64)
     for k in range(N_BIG // BLOCK):
@@ -165,11 +166,12 @@ def test_bad_npz_is_a_one_line_user_error_and_writes_nothing(tmp_path, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
 
 
-def test_cli_by_path_exits_2_with_one_line(tmp_path, capsys):
+def test_cli_as_a_module_exits_2_with_one_line(tmp_path, capsys):
     _small_npz(tmp_path / "bad.npz", 4, seed=0, label=np.array([0, 1, 10, 2]))
     (tmp_path / "not_a_zip.npz").write_bytes(b"hello")
     for args in (["bad.npz", "out", "--num-classes", "10"], ["not_a_zip.npz", "out"]):
-        proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
+        proc = subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True, text=True, cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     for args in ([str(tmp_path / "missing.npz"), str(tmp_path / "out")], [str(tmp_path / "bad.npz")]):
@@ -186,9 +188,8 @@ def test_converter_refuses_a_non_empty_output_and_imports_no_torch(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         convert([tmp_path / "a.npz"], tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
-    code = (f"import runpy, sys; runpy.run_path({str(SCRIPT)!r}); "
-            "print('torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    code = f"import sys, {MODULE}; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.strip() == "False", proc.stderr
 
 

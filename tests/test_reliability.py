@@ -189,12 +189,12 @@ def test_sigint_saves_the_current_step_and_a_second_signal_stops_at_once(tmp_pat
 
 # ------------------------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_the_run_naming_step_and_part_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
-    import training.trainer as trainer_module
+    import training.engine as engine_module
 
     run = tmp_path / "run"
     saved: dict[str, bytes] = {}
     calls = {"n": 0}
-    original_loss = trainer_module.training_loss
+    original_loss = engine_module.training_loss
 
     def loss_hook(spec, net, *a, **k):  # one call per step: AWP is off in epoch 1
         loss, parts, o_nat, o_adv = original_loss(spec, net, *a, **k)
@@ -205,7 +205,7 @@ def test_nan_loss_stops_the_run_naming_step_and_part_and_keeps_the_checkpoint(tm
             loss = loss * float("nan")
         return loss, parts, o_nat, o_adv
 
-    monkeypatch.setattr(trainer_module, "training_loss", loss_hook)
+    monkeypatch.setattr(engine_module, "training_loss", loss_hook)
     argv = TINY + ["--epochs", "1", "--checkpoint-every-steps", "2", "--out", str(run)]
     assert train_at.main(argv) == train_at.EXIT_DIVERGED
     err = capsys.readouterr().err.strip()

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import export_robustbench
-from checkpoints import robustbench as rbx
+import export as rbx
 from cifar_fixture import fake_cifar_root  # noqa: F401  (fixture)
 from checkpoints.io import save_checkpoint
 from errors import UserError
@@ -270,7 +270,7 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
 
 def test_logit_mismatch_fails_with_exit_1(runs, tmp_path, monkeypatch, capsys) -> None:
     run, _, _ = runs["dm"]
-    monkeypatch.setattr(rbx, "_statistic", lambda buffer, kind: (0.5, 0.5, 0.5))  # wrong normalisation
+    monkeypatch.setattr(rbx.arch, "_statistic", lambda buffer, kind: (0.5, 0.5, 0.5))  # wrong normalisation
     _write_eval_report(run, [True], [False])
     args = [str(run), "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert export_robustbench.main(args) == 1

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from training.awp import AWP
 from training.config import TrainConfig
+from training.methods import METHODS
 from training.trainer import Trainer
 
 
@@ -165,7 +166,7 @@ def test_awp_inactive_before_warmup(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ every loss runs, two-view
-@pytest.mark.parametrize("loss", ["gkl", "ikl", "dkl", "trades", "pgd-at", "ce"])
+@pytest.mark.parametrize("loss", list(METHODS))
 def test_each_loss_takes_a_finite_step(tmp_path, loss):
     tr = Trainer(tiny_config(loss=loss, averaging="none"), tmp_path / "run", progress=False)
     before = [p.clone() for p in tr.model.parameters()]

@@ -9,49 +9,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from core.files import atomic_write_text
+from core.threat import NORMS, eps_str, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
 from errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-LOSSES = ("gkl", "ikl", "dkl", "trades", "pgd-at", "ce")
 EPS_SCHEDULES = ("linear", "constant")
 ATTACK_BUDGETS = ("effective", "staged", "low", "fixed")
 LR_SCHEDULES = ("cosine-epoch", "cosine-step", "constant")
 AVERAGING = ("epoch-ema", "step-ema", "none")
 WEIGHT_SOURCES = ("class", "sample", "uniform")
 AMP_MODES = ("auto", "bf16", "off")
-
-
-def parse_eps(value: Any) -> float:
-    """Accept ``8``, ``8/255``, ``0.0314`` (or a float) and return the radius in [0, 1] units.
-
-    A bare number > 1 is read as x/255, the convention of the field's papers.
-    """
-    text = str(value).strip()
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            eps = float(num) / float(den)
-        else:
-            eps = float(text)
-            if eps > 1:
-                eps = eps / 255.0
-    except (ValueError, ZeroDivisionError):
-        raise UserError(f"cannot read epsilon {value!r}: write it as 8, 8/255 or 0.0314") from None
-    if not math.isfinite(eps) or eps < 0 or eps > 1:
-        raise UserError(f"epsilon {value!r} is outside [0, 1] for images in [0, 1]: use e.g. 8/255")
-    return eps
-
-
-def eps_str(eps: float) -> str:
-    """Format a radius as ``x/255`` (as the paper's tables do)."""
-    return f"{eps * 255:g}/255"
 
 
 @dataclass
@@ -122,10 +97,12 @@ class TrainConfig:
         from data import AUGMENTATIONS, DATASETS
         from models import MODELS
 
-        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": tuple(MODELS), "loss": LOSSES,
+        from .methods import METHODS
+
+        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": tuple(MODELS), "loss": tuple(METHODS),
                    "eps_schedule": EPS_SCHEDULES, "attack_budget": ATTACK_BUDGETS,
                    "lr_schedule": LR_SCHEDULES, "averaging": AVERAGING, "weight_source": WEIGHT_SOURCES,
-                   "amp": AMP_MODES, "norm": ("Linf", "L2")}
+                   "amp": AMP_MODES, "norm": NORMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "
@@ -267,5 +244,5 @@ def build_config(preset: Optional[str], args: argparse.Namespace, base: Optional
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    """Write the resolved config as YAML (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,10 +1,11 @@
 """Per-epoch log rows: kept in memory (and in every checkpoint), written as CSV, plotted."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from core.files import atomic_write
 
 
 class History:
@@ -20,9 +21,8 @@ class History:
     def write(self) -> None:
         if not self.rows:
             return
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
-        pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        os.replace(tmp, self.csv_path)
+        frame = pd.DataFrame(self.rows)
+        atomic_write(self.csv_path, lambda f: frame.to_csv(f, index=False), binary=False)
 
     def plot(self, path: Path) -> None:
         """Training curves: loss parts, held-out natural/PGD accuracy (raw and averaged), eps and lr."""
@@ -51,5 +51,5 @@ class History:
         for ax in axes[:3]:
             ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
         plt.close(fig)

@@ -1,49 +1,46 @@
-"""The GKL-AT training loop (spec section 4) with exact resume.
+"""The Trainer: builds a run from its config, trains it epoch by epoch, saves it and resumes it exactly.
 
-One step, in order: schedules -> attack (natural logits computed once) -> AWP perturb -> natural
-and adversarial forwards -> loss -> optimiser step -> AWP restore -> bank update -> weight-average
-update. ``Trainer.fit`` runs epochs, evaluates on a held-out part of the training set, writes the
-CSV log and checkpoints; ``Trainer(cfg, run_dir, resume=True)`` continues a run exactly.
+The step and the epoch are :mod:`training.engine`'s functions; this module adds the data, the
+per-epoch evaluation on a held-out part of the training set, the CSV log, checkpoints, signals
+and divergence checks. ``Trainer(cfg, run_dir, resume=True)`` continues a run bit for bit.
 """
 from __future__ import annotations
 
-import copy
-import functools
 import os
 import signal
-import subprocess
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn as nn
-from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
-from attacks.context import attack_mode
-from attacks.pgd import pgd
-from checkpoints.io import (check_compatible, load_checkpoint, load_latest_checkpoint, nonfinite_entries,
-                            remove_stale_temp_files, save_checkpoint, write_failure)
-from data import NUM_CLASSES, EpochBatchSampler, SeededDataset, build_dataset, eval_transform, train_transform
+from checkpoints.io import (
+    check_compatible,
+    load_checkpoint,
+    load_latest_checkpoint,
+    nonfinite_entries,
+    remove_stale_temp_files,
+    save_checkpoint,
+    write_failure,
+)
+from core.device import resolve_device
+from core.files import atomic_link
+from core.provenance import code_version
+from core.threat import eps_str
+from data import NUM_CLASSES
 from data.sampler import epoch_seed
 from errors import UserError
-from losses import ScoreBank
-from models import build_model
 
 from . import distributed as dist_utils
-from .averaging import WeightAverager
-from .awp import AWP
-from .config import TrainConfig, eps_str, save_config
+from . import engine
+from .config import TrainConfig, save_config
+from .loaders import VAL_SPLIT_SEED, build_training_data  # noqa: F401  (VAL_SPLIT_SEED: API)
 from .logging import History
-from .objectives import LossSpec, attack_objective, scores_for, training_loss
-from .schedules import attack_budget, lr_at
+from .schedules import AttackBudget, attack_budget, lr_at
 
 CHECKPOINT_FORMAT = "gkl-at/1"
-VAL_SPLIT_SEED = 12345  # fixed, so every run of a dataset holds out the same images
 LOG_EVERY = 20  # steps between progress-bar updates (each costs one host-device sync)
-PART_NAMES = ("loss", "ce", "soft_ce", "wmse", "kl", "acc_nat", "acc_adv")
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,67 +53,6 @@ class TrainingStopped(KeyboardInterrupt):
     def __init__(self, signum: int, global_step: int) -> None:
         super().__init__(f"signal {signum}")
         self.signum, self.global_step = signum, global_step
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """``git describe`` of the code this process imported (asked once: it runs a subprocess)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; a name this machine cannot run is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: this project runs on cpu or cuda only")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but no GPU is visible: use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible "
-                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return device
-
-
-def loader_workers(requested: int, device: torch.device) -> int:
-    """``requested`` loader processes, or with ``requested < 0`` (auto): on CUDA min(8, the CPUs this
-    process may use divided by the processes on this node), elsewhere 0 (the CPU computes the step)."""
-    if requested >= 0:
-        return requested
-    if device.type != "cuda":
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, cpus // per_node - 1))  # one CPU stays with the training process
-
-
-def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
-    """Fixed held-out split of the training set (never the test set) for metrics and `best`."""
-    if val_size >= n:
-        raise UserError(f"--val-size {val_size} leaves no training data ({n} training images): lower it")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()
-    return sorted(perm[val_size:]), sorted(perm[:val_size])
-
-
-class StepLoss(nn.Module):
-    """``training_loss`` of ``net`` as a module: ``forward(x, x_adv, y, scores) -> (loss, parts, o_nat, o_adv)``."""
-
-    def __init__(self, net: nn.Module, spec: LossSpec, n_views: int) -> None:
-        super().__init__()
-        self.net, self.spec, self.n_views = net, spec, n_views
-
-    def forward(self, x: torch.Tensor, x_adv: Optional[torch.Tensor], y: torch.Tensor,
-                scores: Optional[torch.Tensor]):
-        return training_loss(self.spec, self.net, x, x_adv, y, scores, self.n_views)
 
 
 class Trainer:
@@ -140,100 +76,23 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.num_classes = NUM_CLASSES[cfg.dataset]
-        self.spec = LossSpec.from_config(cfg)
+        data = build_training_data(cfg, self.device, self.dist.rank, self.dist.world_size)
+        self.train_loader, self.sampler, self.val_set, self.n_views = data.loader, data.sampler, data.val_set, data.n_views
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
-        self._build_data()
-        self._build_model()
-        self.bank = ScoreBank(self.num_classes, tau=cfg.tau, device=self.device)
+        self.modules = engine.build_step(cfg, self.num_classes, self.device, n_views=self.n_views,
+                                         distributed=self.dist.enabled, amp=self.amp)
+        m = self.modules  # the pieces a step touches, under their usual names
+        self.spec, self.model, self.optimizer, self.awp = m.spec, m.model, m.optimizer, m.awp
+        self.bank, self.averager = m.bank, m.averager
         self.history = History(self.run_dir / "log.csv")
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best: dict = {"metric": -1.0, "epoch": 0}
-        self._epoch_sums = torch.zeros(len(PART_NAMES) + 1, dtype=torch.float64, device=self.device)
+        self.meter = engine.EpochMeter(m.metric_names, self.device)
         self._stop_signal: Optional[int] = None
-        # first global step at which each metric was non-finite (-1: never); updated without a host sync
-        self._first_bad = torch.full((len(PART_NAMES),), -1, dtype=torch.long, device=self.device)
         if resume:
             self._resume(self.run_dir / "checkpoints")
 
-    # ----------------------------------------------------------------------------- building
-    def _build_data(self) -> None:
-        cfg = self.cfg
-        n_views = 2 if cfg.augment == "autoaug" else 1
-        self.n_views = n_views
-        full_train = build_dataset(cfg.dataset, True, cfg.data_dir, cfg.download, train_transform(cfg.augment))
-        plain_train = build_dataset(cfg.dataset, True, cfg.data_dir, False, eval_transform())
-        train_idx, val_idx = split_train_val(len(full_train), cfg.val_size)
-        train_set = Subset(full_train, train_idx)
-        if cfg.generated:
-            from data.generated import GeneratedDataset, MixedBatchSampler
-
-            gen = GeneratedDataset(cfg.generated, transform=train_transform(cfg.augment))
-            if gen.num_classes != self.num_classes:
-                raise UserError(f"--generated {cfg.generated} has {gen.num_classes} classes but --dataset "
-                                f"{cfg.dataset} has {self.num_classes}: convert the matching generated set")
-            self.sampler = MixedBatchSampler(len(train_set), len(gen), cfg.batch_size, cfg.generated_fraction,
-                                             seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-            train_set = ConcatDataset([train_set, gen])
-        else:
-            if cfg.batch_size > len(train_set):
-                raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                                f"({len(train_set)} images after holding out --val-size {cfg.val_size})")
-            self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed,
-                                             rank=self.dist.rank, world_size=self.dist.world_size)
-        pin = self.device.type == "cuda"
-        workers = loader_workers(cfg.workers, self.device)
-        self.train_loader = DataLoader(SeededDataset(train_set), batch_sampler=self.sampler,
-                                       num_workers=workers, pin_memory=pin,
-                                       persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers > 0 else None,
-                                       generator=torch.Generator())  # leaves the global RNG alone
-        n_eval = min(cfg.eval_subset, len(val_idx))
-        self.val_set = Subset(plain_train, val_idx[:n_eval])
-
-    def _build_model(self) -> None:
-        cfg = self.cfg
-        model = build_model(cfg.arch, self.num_classes).to(self.device)
-        if cfg.sync_bn and self.dist.enabled:
-            model = dist_utils.convert_sync_batchnorm(model, self.device.type)
-        if cfg.channels_last and self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model  # the plain module: state dicts, evaluation, weight averaging
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                                         fused=fused or None, foreach=None if fused else True)
-        self.awp: Optional[AWP] = None
-        if cfg.awp_gamma > 0 and self.spec.uses_attack:
-            proxy = copy.deepcopy(model)
-            self.awp = AWP(model, proxy, lr=cfg.lr, gamma=cfg.awp_gamma)
-        self.averager = WeightAverager(model, cfg.averaging, decay=cfg.avg_decay, start_epoch=cfg.avg_start_epoch,
-                                       step_decay=cfg.step_ema_decay, step_warmup=cfg.step_ema_warmup)
-        # Compiled views share the plain modules' weights; they are made after every deepcopy above,
-        # so the copies hold no reference to a compiled forward.
-        self.attack_model = torch.compile(model) if cfg.compile else model
-        self.train_loss = self._loss_module(self.attack_model)
-        self.proxy_loss = None
-        if self.awp is not None:
-            self.proxy_loss = self._loss_module(torch.compile(self.awp.proxy) if cfg.compile else self.awp.proxy)
-
-    def _loss_module(self, net: nn.Module) -> nn.Module:
-        """The training loss of ``net`` as one module call, wrapped in DDP under torch.distributed.
-
-        DDP then sees one forward (both the adversarial and the natural pass) per backward. The
-        AWP proxy gets its own wrapper so that its gradient is averaged over ranks like the
-        model's: each rank then applies the same weight perturbation, which the full-batch
-        released code computes; per-rank proxy gradients would make the ranks' weights drift apart
-        (weight decay and momentum act on the perturbed weights).
-        """
-        module = StepLoss(net, self.spec, self.n_views)
-        return dist_utils.ddp_wrap(module, self.device) if self.dist.enabled else module
-
     # ----------------------------------------------------------------------------- one step
-    def _autocast(self):
-        if not self.amp:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
     def _to_device(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(x, (list, tuple)):  # two-view: [basic; aug] with labels repeated
             views = len(x)
@@ -244,88 +103,52 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
-    def training_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, lr: float) -> torch.Tensor:
-        """One GKL-AT step on a batch already on the device; returns the step's metric sums."""
-        cfg, spec = self.cfg, self.spec
-        budget = attack_budget(cfg.eps, epoch, cfg.epochs, eps_schedule=cfg.eps_schedule, budget=cfg.attack_budget,
-                               steps=cfg.attack_steps, step_size=cfg.attack_step_size)
-        y_basic = y[: y.shape[0] // self.n_views]
-        scores = scores_for(spec, self.bank, y, self.num_classes)
-        x_adv = None
-        with self._autocast():
-            if spec.uses_attack:
-                with attack_mode(self.attack_model), torch.no_grad():
-                    logits_nat = self.attack_model(x)
-                objective = attack_objective(spec, logits_nat, scores)
-                x_adv = pgd(self.attack_model, x, y, eps=budget.eps, step=budget.step_size, steps=budget.steps,
-                            norm=cfg.norm, objective=objective, random_start=spec.random_start,
-                            check_range=False)
-            self.model.train()
-            if self.awp is not None and epoch >= cfg.awp_warmup:
-                self.awp.perturb(lambda _proxy: self.proxy_loss(x, x_adv, y, scores)[0])
-            loss, parts, o_nat, o_adv = self.train_loss(x, x_adv, y, scores)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.awp is not None:
-            self.awp.restore()
-        if o_nat is not None and spec.uses_bank:
-            self.bank.update(o_nat[: y_basic.shape[0]].detach(), y_basic)
-        self.global_step += 1
-        self.averager.after_step(self.model, self.global_step)
-        return self._step_sums(loss, parts, o_nat, o_adv, y)
+    def budget(self, epoch: int) -> AttackBudget:
+        cfg = self.cfg
+        return attack_budget(cfg.eps, epoch, cfg.epochs, eps_schedule=cfg.eps_schedule, budget=cfg.attack_budget,
+                             steps=cfg.attack_steps, step_size=cfg.attack_step_size)
 
-    def _step_sums(self, loss, parts, o_nat, o_adv, y) -> torch.Tensor:
-        n = y.shape[0]
-        zero = loss.new_zeros(())
-        values = {"loss": loss.detach(), **parts}
-        row = [values.get(k, zero).float() * n for k in PART_NAMES[:5]]
-        row.append((o_nat.argmax(1) == y).sum().float() if o_nat is not None else zero.float())
-        row.append((o_adv.argmax(1) == y).sum().float() if o_adv is not None else zero.float())
-        row.append(torch.full((), float(n), device=y.device))  # a fill kernel: no host-to-device copy
-        return torch.stack(row).double()
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, lr: float) -> torch.Tensor:
+        """One GKL-AT step (:func:`training.engine.training_step`) on a batch already on the device."""
+        sums = engine.training_step(self.modules, x, y, budget=self.budget(epoch), lr=lr,
+                                    awp_on=epoch >= self.cfg.awp_warmup, step=self.global_step + 1)
+        self.global_step += 1
+        return sums
 
     # ----------------------------------------------------------------------------- epochs
     def train_one_epoch(self, epoch: int) -> dict:
+        """One epoch (:func:`training.engine.train_one_epoch`) from ``step_in_epoch``; ``train_*`` averages."""
         cfg = self.cfg
         self.sampler.set_epoch(epoch, self.step_in_epoch)
         steps = self.sampler.steps_per_epoch
         bar = tqdm(self.train_loader, total=steps, initial=self.step_in_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)
-        start = time.time()
-        for x, y in bar:
-            lr = lr_at(cfg.lr, epoch, cfg.epochs, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
-                       step=self.step_in_epoch, steps_per_epoch=steps)
-            x, y = self._to_device(x, y)
-            sums = self.training_step(x, y, epoch, lr)
-            self._epoch_sums += sums
-            self._note_nonfinite(sums)
-            self.step_in_epoch += 1
-            if self.step_in_epoch % LOG_EVERY == 0 or self.step_in_epoch == steps:
+        shown = "acc_adv" if "acc_adv" in self.meter.names else "acc_nat"
+
+        def after_step(position: int) -> None:
+            self.step_in_epoch = position
+            if position % LOG_EVERY == 0 or position == steps:
                 self._check_finite(epoch)
-                s = self._epoch_sums
-                bar.set_postfix(loss=f"{(s[0] / s[-1]).item():.3f}", adv=f"{(s[6] / s[-1]).item():.3f}")
-            if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0 \
-                    and self.step_in_epoch < steps:
+                bar.set_postfix(loss=f"{self.meter.mean('loss'):.3f}", adv=f"{self.meter.mean(shown):.3f}")
+            if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0 and position < steps:
                 self._check_finite(epoch)
                 self.save(epoch_end=False)
-            if self._stop_requested(self.step_in_epoch):
+            if self._stop_requested(position):
                 self._check_finite(epoch)
                 self.save(epoch_end=False)
                 raise TrainingStopped(self._stop_signal, self.global_step)
-        sums = dist_utils.all_reduce_sum(self._epoch_sums.clone())
-        self._check_finite(epoch)
-        n = max(sums[-1].item(), 1.0)
-        metrics = {f"train_{k}": (sums[i] / n).item() for i, k in enumerate(PART_NAMES)}
-        metrics["train_time_s"] = time.time() - start
-        return metrics
 
-    def _note_nonfinite(self, sums: torch.Tensor) -> None:
-        """Record the step at which each metric first turned non-finite, without a host-device sync."""
-        bad = ~torch.isfinite(sums[: len(PART_NAMES)]) & (self._first_bad < 0)
-        self._first_bad = torch.where(bad, self.global_step, self._first_bad)
+        def lr_of_step(step: int) -> float:
+            return lr_at(cfg.lr, epoch, cfg.epochs, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
+                         step=step, steps_per_epoch=steps)
+
+        with bar:
+            metrics = engine.train_one_epoch(lambda x, y, lr: self.training_step(x, y, epoch, lr),
+                                             (self._to_device(x, y) for x, y in bar), self.meter,
+                                             lr_of_step=lr_of_step, first_step=self.step_in_epoch,
+                                             after_step=after_step)
+        self._check_finite(epoch)
+        return {f"train_{k}": v for k, v in metrics.items()}
 
     def _kept_checkpoint(self) -> str:
         last = self.run_dir / "checkpoints" / "last.pt"
@@ -333,51 +156,28 @@ class Trainer:
 
     def _check_finite(self, epoch: int) -> None:
         """Stop with ``TrainingDiverged`` (naming the step and the loss part) before anything non-finite is saved."""
-        finite = bool(torch.isfinite(self._epoch_sums).all())
+        finite = self.meter.finite()
         if self.dist.enabled:  # the sums are per rank: all ranks must stop together or the rest wait in a collective
             finite = not dist_utils.max_over_ranks(int(not finite), self.device)
         if not finite:
-            first = self._first_bad.tolist()
-            step = min((s for s in first if s >= 0), default=self.global_step)
-            parts = [k for k, s in zip(PART_NAMES, first) if s == step] or ["loss"]
-            raise TrainingDiverged(f"non-finite {', '.join(parts)} at global step {step} (epoch {epoch}); "
+            position, parts = self.meter.first_nonfinite()
+            step = self.global_step if position is None else self.global_step - (self.step_in_epoch - position)
+            raise TrainingDiverged(f"non-finite {', '.join(parts or ['loss'])} at global step {step} (epoch {epoch}); "
                                    f"{self._kept_checkpoint()}. Lower --lr or check the data")
         if self.global_step and not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
             raise TrainingDiverged(f"non-finite weights at or before global step {self.global_step} (epoch {epoch}); "
                                    f"{self._kept_checkpoint()}. Lower --lr")
 
-    @torch.no_grad()
-    def _accuracy(self, model: nn.Module, epoch: int) -> tuple[float, float]:
-        """Natural and PGD accuracy (eps = the final training eps, eps/4 steps, fp32) on the held-out subset."""
-        cfg = self.cfg
-        idx = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
-        loader = DataLoader(Subset(self.val_set, idx), batch_size=256, num_workers=0)
-        g = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
-        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
-        was_training = model.training
-        model.eval()
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            counts[0] += (model(x).argmax(1) == y).sum()
-            if cfg.eps > 0:
-                with torch.enable_grad():
-                    x_adv = pgd(model, x, y, eps=cfg.eps, step=cfg.eps / 4, steps=cfg.eval_pgd_steps, norm=cfg.norm,
-                                objective="ce", random_start="uniform", generator=g)
-                counts[1] += (model(x_adv).argmax(1) == y).sum()
-            counts[2] += y.numel()
-        model.train(was_training)
-        counts = dist_utils.all_reduce_sum(counts)
-        n = max(counts[2].item(), 1.0)
-        return counts[0].item() / n, counts[1].item() / n
-
     def evaluate(self, epoch: int) -> dict:
-        metrics = {}
-        clean, rob = self._accuracy(self.model, epoch)
-        metrics.update(val_clean=clean, val_pgd=rob)
-        avg = self.averager.module
-        if avg is not None:
-            clean_a, rob_a = self._accuracy(avg, epoch)
-            metrics.update(val_clean_avg=clean_a, val_pgd_avg=rob_a)
+        """Held-out natural and PGD accuracy of the raw and (when there are any) the averaged weights."""
+        cfg, metrics = self.cfg, {}
+        models = {"": self.model, "_avg": self.averager.module}
+        for suffix, model in models.items():
+            if model is not None:
+                acc = engine.evaluate(model, self.val_set, eps=cfg.eps, norm=cfg.norm, pgd_steps=cfg.eval_pgd_steps,
+                                      seed=epoch_seed(cfg.seed, epoch), device=self.device, rank=self.dist.rank,
+                                      world_size=self.dist.world_size)
+                metrics.update({f"val_clean{suffix}": acc["clean"], f"val_pgd{suffix}": acc["pgd"]})
         return metrics
 
     def fit(self) -> list[dict]:
@@ -392,8 +192,7 @@ class Trainer:
         try:
             for epoch in range(self.epoch + 1, cfg.epochs + 1):
                 row = {"epoch": epoch}
-                b = attack_budget(cfg.eps, epoch, cfg.epochs, eps_schedule=cfg.eps_schedule, budget=cfg.attack_budget,
-                                  steps=cfg.attack_steps, step_size=cfg.attack_step_size)
+                b = self.budget(epoch)
                 row.update(eps_x255=b.eps * 255, attack_steps=b.steps if self.spec.uses_attack else 0,
                            lr=lr_at(cfg.lr, epoch, cfg.epochs, schedule=cfg.lr_schedule,
                                     warmup_epochs=cfg.warmup_epochs),
@@ -406,7 +205,7 @@ class Trainer:
                 row.update(self.evaluate(epoch))
                 row["eval_time_s"] = time.time() - t0
                 self.epoch, self.step_in_epoch = epoch, 0
-                self._epoch_sums.zero_()
+                self.meter.reset()
                 self.history.append(row)
                 is_best = self._update_best(row)
                 self.save(epoch_end=True, is_best=is_best)
@@ -463,7 +262,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         avg = self.averager.module
-        bank, epoch_sums = self.bank.state_dict(), self._epoch_sums.clone()
+        bank, epoch_sums = self.bank.state_dict(), self.meter.sums.clone()
         if self.dist.enabled:  # a checkpoint holds the whole global batch's partial sums, for any world size
             for t in (bank["accumulator"], bank["counts"], epoch_sums):
                 dist_utils.all_reduce_sum(t)
@@ -495,10 +294,10 @@ class Trainer:
         try:
             if epoch_end:
                 target = folder / f"epoch_{self.epoch:04d}.pt"
-                _link_atomic(last, target)
+                atomic_link(last, target)
                 if is_best:
                     target = folder / "best.pt"
-                    _link_atomic(last, target)
+                    atomic_link(last, target)
                 olds = sorted(folder.glob("epoch_*.pt"))[: -self.cfg.keep_checkpoints or None]
                 for old in olds if self.cfg.keep_checkpoints else []:
                     old.unlink(missing_ok=True)
@@ -540,7 +339,7 @@ class Trainer:
         self.averager.load(state["avg_model"], state["avg_count"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
-        self._epoch_sums.copy_(state["epoch_sums"])
+        self.meter.sums.copy_(state["epoch_sums"])
         self.history.rows = list(state["history"])
         self.best = dict(state["best"])
         self._load_rng(state)
@@ -559,19 +358,3 @@ class Trainer:
         if self.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
 
-
-def _link_atomic(src: Path, dst: Path) -> None:
-    """Make ``dst`` a hard link to ``src`` (no extra disk), replacing ``dst`` atomically."""
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # file systems without hard links
-            import shutil
-
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

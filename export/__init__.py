@@ -1,0 +1,57 @@
+"""RobustBench export, one focused module per part of a submission.
+
+- :mod:`export.arch`: which RobustBench constructor rebuilds a model (and back), the zoo entry;
+- :mod:`export.weights`: weights in RobustBench's key layout, ``.pt``/``.safetensors``, verification;
+- :mod:`export.model_info`: measured figures and the ``model_info`` JSON;
+- :mod:`export.claim`: RobustBench's own ``benchmark`` on the exported file, offline;
+- :mod:`export.submission`: :func:`export`, which plans, writes and checks a whole submission.
+"""
+from .arch import (
+                   LOGIT_TOLERANCE,
+                   SUPPORTED,
+                   RobustBenchArch,
+                   install_robustbench,
+                   max_logit_diff,
+                   probe_batch,
+                   project_model_from_robustbench,
+                   robustbench_arch,
+                   zoo_entry_source,
+)
+from .claim import FULL_TEST_SET, RB_DATASETS, claim_data_root, run_claim
+from .model_info import (
+                   MODEL_INFO_FIELDS,
+                   Figures,
+                   ModelCard,
+                   build_model_info,
+                   pct,
+                   validate_model_info,
+)
+from .submission import (
+                   FORMATS,
+                   STANDARD_EPS,
+                   THREAT_MODELS,
+                   WEIGHT_CHOICES,
+                   ExportRequest,
+                   ExportResult,
+                   default_model_name,
+                   default_out,
+                   export,
+)
+from .weights import (
+                   ExportMismatch,
+                   file_sha256,
+                   load_into_robustbench,
+                   load_weights,
+                   robustbench_state_dict,
+                   save_weights,
+                   verify_export,
+)
+
+__all__ = [
+    "FORMATS", "FULL_TEST_SET", "LOGIT_TOLERANCE", "MODEL_INFO_FIELDS", "RB_DATASETS", "STANDARD_EPS", "SUPPORTED",
+    "THREAT_MODELS", "WEIGHT_CHOICES", "ExportMismatch", "ExportRequest", "ExportResult", "Figures", "ModelCard",
+    "RobustBenchArch", "build_model_info", "claim_data_root", "default_model_name", "default_out", "export",
+    "file_sha256", "install_robustbench", "load_into_robustbench", "load_weights", "max_logit_diff", "pct",
+    "probe_batch", "project_model_from_robustbench", "robustbench_arch", "robustbench_state_dict", "run_claim",
+    "save_weights", "validate_model_info", "verify_export", "zoo_entry_source",
+]

@@ -1,0 +1,225 @@
+"""Training methods: one :class:`Method` entry per ``--loss``, registered in :data:`METHODS`.
+
+An entry says everything a step needs: the training forwards (and their order, which decides
+BatchNorm statistics), the loss over those logits (both views of a two-view batch), the attack
+objective and its random start, whether it weighs classes (and so uses the score bank) and the
+loss parts it logs. ``--loss`` choices, presets and :class:`LossSpec` come from the registry; an
+unknown name is a ``UserError`` at config time. Adding a method is one ``register(Method(...))``.
+
+With two-view batches ``[basic; aug]`` the helpers below give the released form: the natural CE
+over the whole batch, the robust term R(basic) + aug_weight * R(aug).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attacks.pgd import Objective
+from core.registry import Registry
+from losses import gkl_loss, kl_loss
+
+from .distributed import mean_over_ranks
+
+Tensor = torch.Tensor
+Parts = dict[str, Tensor]
+# loss(spec, o_nat, o_adv, y, scores, n_views) -> (loss, parts); o_nat / o_adv are None when not forwarded
+LossFn = Callable[["LossSpec", Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor], int], tuple[Tensor, Parts]]
+# attack(spec, logits_nat, scores) -> what PGD maximises ("ce" or a closure over the natural logits)
+AttackFn = Callable[["LossSpec", Optional[Tensor], Optional[Tensor]], Union[Objective, str]]
+FORWARDS = ("adv", "nat")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method; see the module docstring."""
+
+    name: str
+    summary: str  # one line: attack objective and training loss, for --help and the README
+    forwards: tuple[str, ...]  # training forwards in order, from FORWARDS
+    loss: LossFn
+    parts: tuple[str, ...]  # loss parts it logs (besides the total "loss")
+    attack: Optional[AttackFn] = None  # None: no attack (standard training)
+    attack_uses_nat: bool = False  # compute the natural logits once before the attack
+    random_start: str = "trades"  # pgd random_start of the training attack
+    weighted: bool = False  # takes per-sample class weights (``weight_source``: bank, uniform or sample-wise)
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # LossSpec fields this method pins
+
+    def __post_init__(self) -> None:
+        if not self.forwards or set(self.forwards) - set(FORWARDS) or len(set(self.forwards)) != len(self.forwards):
+            raise ValueError(f"method {self.name}: forwards must be distinct names from {FORWARDS}")
+        if self.attack is None and "adv" in self.forwards:
+            raise ValueError(f"method {self.name}: an adversarial forward needs an attack")
+
+    def metric_names(self) -> tuple[str, ...]:
+        """What a step logs: the loss, its parts, then the accuracy of each forward."""
+        return ("loss", *self.parts) + tuple(f"acc_{which}" for which in ("nat", "adv") if which in self.forwards)
+
+
+METHODS: Registry[Method] = Registry("training method")
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (a name may be registered once)."""
+    return METHODS.add(method.name, method)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; an unknown name is a ``UserError`` listing the choices."""
+    return METHODS.choose(name, "--loss")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss options of a run, resolved from its config (``kind`` is the method's name)."""
+
+    kind: str
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    break_asymmetry: bool = True
+    weight_source: str = "class"
+    trades_beta: float = 6.0
+    label_smoothing: float = 0.0
+    aug_weight: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSpec":
+        method = get_method(cfg.loss)
+        spec = cls(cfg.loss, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, weight_source=cfg.weight_source,
+                   trades_beta=cfg.trades_beta, label_smoothing=cfg.label_smoothing, aug_weight=cfg.aug_weight)
+        return replace(spec, **method.fixed)
+
+    @property
+    def method(self) -> Method:
+        return get_method(self.kind)
+
+    @property
+    def uses_attack(self) -> bool:
+        return self.method.attack is not None
+
+    @property
+    def uses_bank(self) -> bool:
+        return self.method.weighted and self.weight_source == "class"
+
+    @property
+    def random_start(self) -> str:
+        return self.method.random_start
+
+
+def scores_for(spec: LossSpec, bank, y: Tensor, num_classes: int) -> Optional[Tensor]:
+    """Per-sample weight source: bank rows of the true class, uniform rows, or None (sample-wise)."""
+    if not spec.method.weighted or spec.weight_source == "sample":
+        return None
+    if spec.weight_source == "uniform":
+        return torch.full((y.shape[0], num_classes), 1.0 / num_classes, device=y.device)
+    return bank.weights(y)
+
+
+def training_loss(spec: LossSpec, model: nn.Module, x_nat: Tensor, x_adv: Optional[Tensor], y: Tensor,
+                  scores: Optional[Tensor], n_views: int = 1
+                  ) -> tuple[Tensor, Parts, Optional[Tensor], Optional[Tensor]]:
+    """Loss of one step with ``model`` in train mode -> (loss, parts, logits_nat, logits_adv).
+
+    Each forward of the method is its own call (BatchNorm statistics per call), in its order.
+    """
+    method = spec.method
+    logits: dict[str, Tensor] = {}
+    for which in method.forwards:
+        logits[which] = model(x_adv if which == "adv" else x_nat)
+    o_nat, o_adv = logits.get("nat"), logits.get("adv")
+    loss, parts = method.loss(spec, o_nat, o_adv, y, scores, n_views)
+    return loss, parts, o_nat, o_adv
+
+
+# ------------------------------------------------------------------------------------- helpers
+RobustFn = Callable[[LossSpec, Tensor, Tensor, Optional[Tensor]], tuple[Tensor, Parts]]
+
+
+def over_views(term: RobustFn, spec: LossSpec, o_nat: Tensor, o_adv: Tensor, scores: Optional[Tensor],
+               n_views: int) -> tuple[Tensor, Parts]:
+    """``term`` on a one-view batch, or term(basic) + aug_weight * term(aug) on ``[basic; aug]``."""
+    if n_views == 1:
+        return term(spec, o_nat, o_adv, scores)
+    b = o_nat.shape[0] // n_views
+    value, parts = term(spec, o_nat[:b], o_adv[:b], None if scores is None else scores[:b])
+    value_aug, parts_aug = term(spec, o_nat[b:], o_adv[b:], None if scores is None else scores[b:])
+    return value + spec.aug_weight * value_aug, {k: v + spec.aug_weight * parts_aug[k] for k, v in parts.items()}
+
+
+def natural_ce_plus(term: RobustFn) -> LossFn:
+    """The TRADES-style loss CE(nat) + robust term, the CE over the whole batch."""
+    def loss(spec: LossSpec, o_nat, o_adv, y, scores, n_views):
+        ce = F.cross_entropy(o_nat, y, label_smoothing=spec.label_smoothing)
+        robust, parts = over_views(term, spec, o_nat, o_adv, scores, n_views)
+        return ce + robust, {"ce": ce.detach(), **parts}
+    return loss
+
+
+def ce_on(which: str) -> LossFn:
+    """Plain cross-entropy on the natural or the adversarial logits (the whole batch)."""
+    def loss(spec: LossSpec, o_nat, o_adv, y, scores, n_views):
+        ce = F.cross_entropy(o_nat if which == "nat" else o_adv, y, label_smoothing=spec.label_smoothing)
+        return ce, {"ce": ce.detach()}
+    return loss
+
+
+# ------------------------------------------------------------------------------------- GKL family
+def gkl_term(spec: LossSpec, o_nat: Tensor, o_adv: Tensor, scores: Optional[Tensor]) -> tuple[Tensor, Parts]:
+    """GKL(nat, adv) with the run's alpha, beta, gamma and weights (spec sections 2 and 4)."""
+    # With gamma = 1 every weight row sums to 1 and the normaliser is the batch size on every
+    # rank; otherwise each rank divides by the weight sum of the global batch.
+    reduce = None if spec.gamma == 1.0 else mean_over_ranks
+    return gkl_loss(o_nat, o_adv, alpha=spec.alpha, beta=spec.beta, gamma=spec.gamma, scores=scores,
+                    break_asymmetry=spec.break_asymmetry, weight_sum_reduce=reduce)
+
+
+def gkl_attack(spec: LossSpec, logits_nat: Tensor, scores: Optional[Tensor]) -> Objective:
+    """GKL with alpha = beta = gamma = 1 and the step's class weights; ``logits_nat`` is constant."""
+    def objective(logits_adv: Tensor, y: Tensor) -> Tensor:
+        return gkl_loss(logits_nat, logits_adv, alpha=1.0, beta=1.0, gamma=1.0, scores=scores,
+                        break_asymmetry=spec.break_asymmetry, reduction="sum")[0]
+    return objective
+
+
+def _gkl_family(name: str, summary: str, **fixed: Any) -> Method:
+    return Method(name, summary, forwards=("adv", "nat"), loss=natural_ce_plus(gkl_term),
+                  parts=("ce", "soft_ce", "wmse"), attack=gkl_attack, attack_uses_nat=True, weighted=True,
+                  fixed=fixed)
+
+
+register(_gkl_family("gkl", "attack: GKL (alpha = beta = gamma = 1, bank weights); loss: CE(nat) + "
+                     "GKL(nat, adv; alpha, beta, gamma, bank weights, BA on)"))
+register(_gkl_family("ikl", "as gkl with gamma = 1 and class-wise (bank) weights",
+                     gamma=1.0, break_asymmetry=True, weight_source="class"))
+register(_gkl_family("dkl", "attack and loss DKL: sample-wise weights, no BA, gamma = 1",
+                     gamma=1.0, break_asymmetry=False, weight_source="sample"))
+
+
+# ------------------------------------------------------------------------------------- baselines
+def trades_term(spec: LossSpec, o_nat: Tensor, o_adv: Tensor, scores: Optional[Tensor]) -> tuple[Tensor, Parts]:
+    kl = kl_loss(o_nat, o_adv)
+    return spec.trades_beta * kl, {"kl": kl.detach()}
+
+
+def trades_attack(spec: LossSpec, logits_nat: Tensor, scores: Optional[Tensor]) -> Objective:
+    """KL(nat || adv) summed over the batch; ``logits_nat`` is constant."""
+    def objective(logits_adv: Tensor, y: Tensor) -> Tensor:
+        return kl_loss(logits_nat, logits_adv, reduction="sum")
+    return objective
+
+
+def ce_attack(spec: LossSpec, logits_nat: Optional[Tensor], scores: Optional[Tensor]) -> str:
+    return "ce"
+
+
+register(Method("trades", "attack: KL(nat || adv); loss: CE(nat) + trades_beta * KL(nat || adv)",
+                forwards=("adv", "nat"), loss=natural_ce_plus(trades_term), parts=("ce", "kl"),
+                attack=trades_attack, attack_uses_nat=True))
+register(Method("pgd-at", "attack: CE from a uniform start in the ball; loss: CE(adv) (Madry et al.)",
+                forwards=("adv",), loss=ce_on("adv"), parts=("ce",), attack=ce_attack, random_start="uniform"))
+register(Method("ce", "no attack; loss: CE(nat) (standard training)", forwards=("nat",), loss=ce_on("nat"),
+                parts=("ce",)))
