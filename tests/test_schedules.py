@@ -55,3 +55,14 @@ def test_schedule_table_rows():
     assert [r["epoch"] for r in rows] == EPOCHS
     assert [r["awp"] for r in rows] == [False, True, True, True, True, True]
     assert rows[-1]["eps_x255"] == pytest.approx(8.0) and rows[-1]["steps"] == 5
+
+
+def test_step_lr_decays_at_each_milestone_and_round_trips_through_yaml(tmp_path):
+    from training.config import load_yaml, save_config
+
+    cfg = TrainConfig.from_dict(dict(lr=0.1, epochs=100, lr_schedule="step", lr_milestones="75,90")).validate()
+    assert cfg.lr_milestones == (75, 90)
+    got = [row["lr"] for row in schedule_table(cfg, [1, 74, 75, 89, 90, 100])]
+    assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert TrainConfig.from_dict(load_yaml(tmp_path / "config.yaml")).validate() == cfg

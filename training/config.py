@@ -23,7 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 EPS_SCHEDULES = ("linear", "constant")
 ATTACK_BUDGETS = ("effective", "staged", "low", "fixed")
-LR_SCHEDULES = ("cosine-epoch", "cosine-step", "constant")
+LR_SCHEDULES = ("cosine-epoch", "cosine-step", "step", "constant")
 AVERAGING = ("epoch-ema", "step-ema", "none")
 WEIGHT_SOURCES = ("class", "sample", "uniform")
 AMP_MODES = ("auto", "bf16", "off")
@@ -69,6 +69,8 @@ class TrainConfig:
     batch_size: int = 128  # global batch
     lr: float = 0.2
     lr_schedule: str = "cosine-epoch"
+    lr_milestones: tuple[int, ...] = ()  # lr_schedule step: epochs from which the lr is multiplied by lr_decay
+    lr_decay: float = 0.1
     warmup_epochs: int = 0
     momentum: float = 0.9
     nesterov: bool = False
@@ -110,6 +112,10 @@ class TrainConfig:
         self._validate_ranges()
         if self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} must be smaller than --epochs {self.epochs}")
+        if self.lr_schedule == "step" and not self.lr_milestones:
+            raise UserError("--lr-schedule step needs --lr-milestones, e.g. --lr-milestones 75,90")
+        if any(m < 1 for m in self.lr_milestones):
+            raise UserError(f"--lr-milestones must be epochs >= 1, got {','.join(map(str, self.lr_milestones))}")
         if self.attack_budget == "fixed" and self.attack_step_size <= 0:
             raise UserError(f"--attack-step-size {eps_str(self.attack_step_size)} must be > 0 with --attack-budget "
                             "fixed")
@@ -130,14 +136,15 @@ class TrainConfig:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.workers < -1:
             raise UserError(f"--workers must be >= 0, or -1 for auto, got {self.workers}")
-        for name in ("gamma", "avg_decay", "step_ema_decay", "generated_fraction", "label_smoothing"):
+        for name in ("gamma", "avg_decay", "step_ema_decay", "generated_fraction", "label_smoothing", "lr_decay"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML-able values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -157,6 +164,9 @@ def _flag(name: str) -> str:
 def _coerce(name: str, tp: Any, value: Any) -> Any:
     if value is None:
         return None
+    if get_origin(tp) is tuple:  # tuple[int, ...]: a YAML list or "75,90" on the command line
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+        return tuple(_coerce(name, get_args(tp)[0], v) for v in items)
     if get_origin(tp) is not None:  # Optional[X]
         tp = next(a for a in get_args(tp) if a is not type(None))
     if name in ("eps", "attack_step_size"):

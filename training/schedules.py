@@ -5,7 +5,7 @@ Epochs are 1-based, as in the spec: epoch e of E.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 
 class AttackBudget(NamedTuple):
@@ -51,15 +51,19 @@ def attack_budget(eps: float, epoch: int, epochs: int, *, eps_schedule: str = "l
 
 
 def lr_at(lr: float, epoch: int, epochs: int, *, schedule: str = "cosine-epoch", warmup_epochs: int = 0,
-          step: int = 0, steps_per_epoch: int = 1) -> float:
+          step: int = 0, steps_per_epoch: int = 1, milestones: Sequence[int] = (), decay: float = 0.1) -> float:
     """Learning rate for ``step`` (0-based) of ``epoch`` (1-based).
 
     ``cosine-epoch`` (released scripts): lr * 0.5 * (1 + cos(pi * (e - w) / (E - w + 1))), constant
     within an epoch, linear warm-up lr * e / w for e <= w. ``cosine-step``: the same curve evaluated
-    at the fractional epoch, so it changes every step. ``constant``: lr.
+    at the fractional epoch, so it changes every step. ``step``: lr * decay**k from the k-th of the
+    ``milestones`` epochs on (``decay`` 0.1 at 75 and 90: the MART / TRADES piecewise schedule).
+    ``constant``: lr.
     """
     if schedule == "constant":
         return lr
+    if schedule == "step":
+        return lr * decay ** sum(1 for m in milestones if epoch >= m)
     if schedule == "cosine-epoch":
         t = float(epoch)
     elif schedule == "cosine-step":
@@ -72,6 +76,12 @@ def lr_at(lr: float, epoch: int, epochs: int, *, schedule: str = "cosine-epoch",
     return lr * 0.5 * (1 + math.cos(math.pi * (t - w) / (epochs - w + 1)))
 
 
+def config_lr(cfg, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """:func:`lr_at` with the schedule settings of a run's config."""
+    return lr_at(cfg.lr, epoch, cfg.epochs, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs, step=step,
+                 steps_per_epoch=steps_per_epoch, milestones=cfg.lr_milestones, decay=cfg.lr_decay)
+
+
 def schedule_table(cfg, epochs_to_show: list[int] | None = None) -> list[dict]:
     """Rows of (epoch, eps_t, K, step, lr) for printing and tests."""
     E = cfg.epochs
@@ -81,6 +91,6 @@ def schedule_table(cfg, epochs_to_show: list[int] | None = None) -> list[dict]:
         b = attack_budget(cfg.eps, e, E, eps_schedule=cfg.eps_schedule, budget=cfg.attack_budget,
                           steps=cfg.attack_steps, step_size=cfg.attack_step_size)
         rows.append({"epoch": e, "eps_x255": b.eps * 255, "steps": b.steps, "step_x255": b.step_size * 255,
-                     "lr": lr_at(cfg.lr, e, E, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs),
+                     "lr": config_lr(cfg, e),
                      "awp": cfg.awp_gamma > 0 and e >= cfg.awp_warmup})
     return rows

@@ -37,7 +37,7 @@ from . import engine
 from .config import TrainConfig, save_config
 from .loaders import VAL_SPLIT_SEED, build_training_data  # noqa: F401  (VAL_SPLIT_SEED: API)
 from .logging import History
-from .schedules import AttackBudget, attack_budget, lr_at
+from .schedules import AttackBudget, attack_budget, config_lr
 
 CHECKPOINT_FORMAT = "gkl-at/1"
 LOG_EVERY = 20  # steps between progress-bar updates (each costs one host-device sync)
@@ -139,8 +139,7 @@ class Trainer:
                 raise TrainingStopped(self._stop_signal, self.global_step)
 
         def lr_of_step(step: int) -> float:
-            return lr_at(cfg.lr, epoch, cfg.epochs, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
-                         step=step, steps_per_epoch=steps)
+            return config_lr(cfg, epoch, step, steps)
 
         with bar:
             metrics = engine.train_one_epoch(lambda x, y, lr: self.training_step(x, y, epoch, lr),
@@ -194,8 +193,7 @@ class Trainer:
                 row = {"epoch": epoch}
                 b = self.budget(epoch)
                 row.update(eps_x255=b.eps * 255, attack_steps=b.steps if self.spec.uses_attack else 0,
-                           lr=lr_at(cfg.lr, epoch, cfg.epochs, schedule=cfg.lr_schedule,
-                                    warmup_epochs=cfg.warmup_epochs),
+                           lr=config_lr(cfg, epoch),
                            awp=int(self.awp is not None and epoch >= cfg.awp_warmup))
                 row.update(self.train_one_epoch(epoch))
                 if self.spec.uses_bank:
