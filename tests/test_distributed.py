@@ -112,7 +112,7 @@ def _gkl_logit_grads(rows: slice) -> tuple:
     scores = torch.softmax(torch.randn(8, 10, generator=gen) * 3, dim=1)
     o_nat, o_adv = o_nat[rows].requires_grad_(), o_adv[rows].requires_grad_()
     spec = LossSpec("gkl", alpha=20.0, beta=4.0, gamma=0.4)
-    loss, _ = gkl_term(spec, o_nat, o_adv, scores[rows])
+    loss, _ = gkl_term(spec, o_nat, o_adv, None, scores[rows])
     return torch.autograd.grad(loss, (o_nat, o_adv))
 
 

@@ -136,17 +136,18 @@ def training_loss(spec: LossSpec, model: nn.Module, x_nat: Tensor, x_adv: Option
 
 
 # ------------------------------------------------------------------------------------- helpers
-RobustFn = Callable[[LossSpec, Tensor, Tensor, Optional[Tensor]], tuple[Tensor, Parts]]
+# term(spec, o_nat, o_adv, y, scores) -> (value, parts) on one view
+RobustFn = Callable[[LossSpec, Tensor, Tensor, Tensor, Optional[Tensor]], tuple[Tensor, Parts]]
 
 
-def over_views(term: RobustFn, spec: LossSpec, o_nat: Tensor, o_adv: Tensor, scores: Optional[Tensor],
+def over_views(term: RobustFn, spec: LossSpec, o_nat: Tensor, o_adv: Tensor, y: Tensor, scores: Optional[Tensor],
                n_views: int) -> tuple[Tensor, Parts]:
     """``term`` on a one-view batch, or term(basic) + aug_weight * term(aug) on ``[basic; aug]``."""
     if n_views == 1:
-        return term(spec, o_nat, o_adv, scores)
+        return term(spec, o_nat, o_adv, y, scores)
     b = o_nat.shape[0] // n_views
-    value, parts = term(spec, o_nat[:b], o_adv[:b], None if scores is None else scores[:b])
-    value_aug, parts_aug = term(spec, o_nat[b:], o_adv[b:], None if scores is None else scores[b:])
+    value, parts = term(spec, o_nat[:b], o_adv[:b], y[:b], None if scores is None else scores[:b])
+    value_aug, parts_aug = term(spec, o_nat[b:], o_adv[b:], y[b:], None if scores is None else scores[b:])
     return value + spec.aug_weight * value_aug, {k: v + spec.aug_weight * parts_aug[k] for k, v in parts.items()}
 
 
@@ -154,8 +155,15 @@ def natural_ce_plus(term: RobustFn) -> LossFn:
     """The TRADES-style loss CE(nat) + robust term, the CE over the whole batch."""
     def loss(spec: LossSpec, o_nat, o_adv, y, scores, n_views):
         ce = F.cross_entropy(o_nat, y, label_smoothing=spec.label_smoothing)
-        robust, parts = over_views(term, spec, o_nat, o_adv, scores, n_views)
+        robust, parts = over_views(term, spec, o_nat, o_adv, y, scores, n_views)
         return ce + robust, {"ce": ce.detach(), **parts}
+    return loss
+
+
+def per_view(term: RobustFn) -> LossFn:
+    """A loss that is ``term`` alone (no separate natural CE), per view of a two-view batch."""
+    def loss(spec: LossSpec, o_nat, o_adv, y, scores, n_views):
+        return over_views(term, spec, o_nat, o_adv, y, scores, n_views)
     return loss
 
 
@@ -168,7 +176,8 @@ def ce_on(which: str) -> LossFn:
 
 
 # ------------------------------------------------------------------------------------- GKL family
-def gkl_term(spec: LossSpec, o_nat: Tensor, o_adv: Tensor, scores: Optional[Tensor]) -> tuple[Tensor, Parts]:
+def gkl_term(spec: LossSpec, o_nat: Tensor, o_adv: Tensor, y: Tensor, scores: Optional[Tensor]
+             ) -> tuple[Tensor, Parts]:
     """GKL(nat, adv) with the run's alpha, beta, gamma and weights (spec sections 2 and 4)."""
     # With gamma = 1 every weight row sums to 1 and the normaliser is the batch size on every
     # rank; otherwise each rank divides by the weight sum of the global batch.
@@ -200,7 +209,8 @@ register(_gkl_family("dkl", "attack and loss DKL: sample-wise weights, no BA, ga
 
 
 # ------------------------------------------------------------------------------------- baselines
-def trades_term(spec: LossSpec, o_nat: Tensor, o_adv: Tensor, scores: Optional[Tensor]) -> tuple[Tensor, Parts]:
+def trades_term(spec: LossSpec, o_nat: Tensor, o_adv: Tensor, y: Tensor, scores: Optional[Tensor]
+                ) -> tuple[Tensor, Parts]:
     kl = kl_loss(o_nat, o_adv)
     return spec.trades_beta * kl, {"kl": kl.detach()}
 
