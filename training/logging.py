@@ -35,8 +35,9 @@ class History:
 
         df = pd.DataFrame(self.rows)
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for col in ("train_loss", "train_ce", "train_soft_ce", "train_wmse", "train_kl"):
-            if col in df and df[col].abs().sum() > 0:
+        parts = [c for c in df.columns if c.startswith("train_") and not c.startswith(("train_acc", "train_time"))]
+        for col in parts:  # the loss and the parts the run's method logs
+            if df[col].abs().sum() > 0:
                 axes[0].plot(df.epoch, df[col], label=col.removeprefix("train_"))
         axes[0].set(title="training loss", xlabel="epoch")
         for col, style in (("val_clean", "-"), ("val_pgd", "-"), ("val_clean_avg", "--"), ("val_pgd_avg", "--")):
