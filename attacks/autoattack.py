@@ -24,7 +24,7 @@ from core.threat import NORMS
 from errors import UserError
 
 from .context import attack_mode
-from .pgd import clip_exact
+from .geometry import clip_exact
 
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

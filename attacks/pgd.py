@@ -1,10 +1,10 @@
-"""Projected gradient attacks (L-inf and L2) on any objective: PGD-CE, CW-K, TRADES-KL, GKL.
+"""Projected gradient attacks (L-inf, L2, L1) on any objective: PGD-CE, CW-K, TRADES-KL, GKL.
 
 One loop serves training (TRADES start ``x + 0.001 * N(0, 1)``, objective closures built from natural
 logits computed once, dtype left to the caller's autocast) and evaluation (uniform start in the ball,
 restarts keeping the first adversarial example per sample). Every returned example lies inside the
 closed eps ball around ``x`` and inside [0, 1] exactly, as checked in the input's own dtype and
-against the Python float ``eps``.
+against the Python float ``eps``. The norm-specific steps and projections are in :mod:`attacks.geometry`.
 """
 from __future__ import annotations
 
@@ -17,12 +17,20 @@ import torch.nn.functional as F
 from core.threat import NORMS
 from errors import UserError
 
+from . import geometry
 from .context import attack_mode
+from .geometry import (  # noqa: F401  (API)
+    ascent_direction,
+    ball_noise,
+    clip_exact,
+    exactly_inside,
+    project,
+    uniform_ball_start,
+)
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RANDOM_STARTS = ("uniform", "trades", "none")
 TRADES_START_STD = 0.001  # the released TRADES/GKL-AT scripts start from x + 0.001 * N(0, 1)
-_TINY = 1e-12
 
 
 def ce_objective() -> Objective:
@@ -64,7 +72,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
     ``objective`` is ``"ce"``, ``"cw"`` (margin, kappa 0) or ``f(logits_adv, y) -> Tensor`` (scalar or
     per sample). ``random_start``: ``"uniform"`` in the ball, ``"trades"`` (``x + 0.001 N(0,1)``, not
     projected before the first step, as released) or ``"none"``. L-inf takes sign steps, L2
-    normalised-gradient steps, each followed by projection onto the ball and [0, 1]. With
+    normalised-gradient steps, L1 sparse steps (the sign of the largest 1% of the gradient's
+    coordinates that the box lets move, L1 length ``step``), each followed by the projection onto
+    the ball and [0, 1] (for L1 the exact Euclidean projection onto their intersection). With
     ``restarts > 1`` a sample keeps the first restart's example that fools the model and is not
     attacked again. Only the input gets gradients; the model's modes and parameter flags are
     restored. ``generator`` (on ``x.device``) makes random starts reproducible. ``check_range=False``
@@ -79,7 +89,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
                          f"{tuple(start.shape)} and {restarts}")
     if eps == 0:
         return x.detach().clone()
-    radius = _radius(eps, x.dtype)
+    radius = geometry.radius(eps, x.dtype)
     with attack_mode(model), torch.enable_grad():
         if restarts == 1:
             return _attack_once(model, x, y, radius, step, steps, norm, objective_fn, random_start, generator,
@@ -100,17 +110,10 @@ def indexed_random_start(x: torch.Tensor, index: torch.Tensor, eps: float, norm:
     """Uniform random starts in the ``norm`` ball, sample ``x[i]`` drawn from its own generator seeded
     by ``(seed, index[i])``: a point gets the same start whichever subset or batch it is attacked in
     (the evaluation suite's multi-eps runs rely on it). Drawn on the CPU, returned on ``x.device``."""
-    shape = x.shape[1:]
-    d = x[0].numel()
     starts = torch.empty(x.shape, dtype=torch.float32)
     for row, i in enumerate(index.tolist()):
         gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % (2**63 - 1))
-        if norm == "Linf":
-            starts[row] = (2 * torch.rand(shape, generator=gen) - 1) * eps
-        else:
-            noise = torch.randn(shape, generator=gen)
-            radius = eps * torch.rand((), generator=gen).pow(1.0 / d)
-            starts[row] = noise * (radius / noise.norm().clamp_min(_TINY))
+        starts[row] = ball_noise(x.shape[1:], eps, norm, gen)
     return x + starts.to(device=x.device, dtype=x.dtype)
 
 
@@ -132,8 +135,8 @@ def _attack_once(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: flo
         if norm == "Linf":
             x_adv = torch.clamp(x_adv.add_(grad.sign_(), alpha=step), lower, upper)
         else:
-            x_adv = project(x_adv + step * _ascent_direction(grad, norm), x, radius, norm)
-    return _exactly_inside(x_adv, x, radius, norm)
+            x_adv = project(x_adv + step * ascent_direction(grad, norm, x_adv), x, radius, norm)
+    return exactly_inside(x_adv, x, radius, norm)
 
 
 def _attack_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float,
@@ -159,85 +162,12 @@ def _random_start(x: torch.Tensor, radius: float, norm: str, kind: str,
         return x.clone()
     if kind == "trades":
         return x + TRADES_START_STD * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if norm == "Linf":
-        uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return project(x + (2 * uniform - 1) * radius, x, radius, norm)
-    # Uniform in the L2 ball: Gaussian direction, radius eps * U^(1/d).
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    u = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
-    scale = radius * u.pow(1.0 / x[0].numel()) / _per_sample_norm(noise).clamp_min(_TINY)
-    return project(x + noise * _expand(scale, x), x, radius, norm)
-
-
-def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return grad.sign()
-    return grad / _expand(_per_sample_norm(grad).clamp_min(_TINY), grad)
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project ``x_adv`` onto the ``norm`` ball of radius ``eps`` around ``x``, then onto [0, 1].
-
-    Up to floating-point rounding; :func:`pgd`'s results are additionally made exact.
-    """
-    delta = x_adv - x
-    if norm == "Linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        factor = (eps / _per_sample_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
-        delta = delta * _expand(factor, delta)
-    return (x + delta).clamp(0.0, 1.0)
-
-
-def clip_exact(x_adv: torch.Tensor, x: torch.Tensor, *, eps: float, norm: str) -> torch.Tensor:
-    """Project onto the ``norm`` ball around ``x`` and [0, 1] so that both checks hold exactly.
-
-    Exact in ``x.dtype`` and against the Python float ``eps`` (``|x_adv - x| <= eps`` for L-inf,
-    ``(x_adv - x).flatten(1).norm(dim=1) <= eps`` for L2).
-    """
-    return _exactly_inside(x_adv, x, _radius(eps, x.dtype), norm)
-
-
-def _exactly_inside(x_adv: torch.Tensor, x: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    """Remove the last-bit overshoot that ``x + delta`` rounding can leave after :func:`project`."""
-    x_adv = project(x_adv, x, radius, norm)
-    if norm == "Linf":
-        # One step toward x suffices: rounding x + delta overshoots by at most half an ulp.
-        over = (x_adv - x).abs() > radius
-        return torch.where(over, torch.nextafter(x_adv, x), x_adv)
-    # A few ulps inside, so that norms summed in another order (another library) also pass.
-    limit = radius * (1 - 8 * torch.finfo(x.dtype).eps)
-    shrink = 4 * torch.finfo(x.dtype).eps
-    for _ in range(30):  # the margin doubles each round; one round is the rule in practice
-        size = _per_sample_norm(x_adv - x)
-        over = size > limit
-        if not bool(over.any()):
-            return x_adv
-        factor = torch.where(over, limit / size * (1 - shrink), 1.0)
-        x_adv = (x + (x_adv - x) * _expand(factor, x)).clamp(0.0, 1.0)
-        shrink *= 2
-    return torch.where(_expand(_per_sample_norm(x_adv - x) > limit, x), x, x_adv)
-
-
-def _radius(eps: float, dtype: torch.dtype) -> float:
-    """The largest value of ``dtype`` that is <= ``eps``, so checks pass in ``dtype`` and in float64."""
-    r = torch.tensor(float(eps), dtype=torch.float64).to(dtype)
-    if r.double().item() > eps:
-        r = torch.nextafter(r, torch.zeros_like(r))
-    return r.double().item()
+    return uniform_ball_start(x, radius, norm, generator)
 
 
 def _in_unit_range(x: torch.Tensor) -> bool:
     low, high = torch.aminmax(x.detach())
     return bool(low >= 0) and bool(high <= 1)
-
-
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(p=2, dim=1)
-
-
-def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return per_sample.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _check_args(x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, norm: str,

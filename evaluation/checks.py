@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from core.threat import eps_str
+from core.threat import eps_text
 
 if TYPE_CHECKING:
     from .results import SuiteResult
@@ -22,16 +22,16 @@ def monotone_in_eps(result: "SuiteResult") -> list[str]:
 
     Carrying flags across radii guarantees this; a violation means results were mixed up.
     """
-    messages = []
+    messages, norm = [], result.settings.norm
     for name in result.attack_names + ["worst"]:
         previous, prev_label = result.clean, "clean"
         for eps in result.settings.eps:
             flags = result.robust(eps, name)
             risen = int((flags & ~previous).sum())
             if risen:
-                messages.append(f"{name}: {risen} point(s) robust at {eps_str(eps)} but not at {prev_label}; "
+                messages.append(f"{name}: {risen} point(s) robust at {eps_text(eps, norm)} but not at {prev_label}; "
                                 "robust accuracy must not rise with eps")
-            previous, prev_label = flags, eps_str(eps)
+            previous, prev_label = flags, eps_text(eps, norm)
     return messages
 
 
@@ -40,14 +40,14 @@ def autoattack_not_weaker(result: "SuiteResult") -> list[str]:
     specs = result.settings.attacks
     autoattacks = [a for a in specs if a.family == "autoattack" and a.white_box]
     iteratives = [a for a in specs if a.family == "iterative"]
-    messages = []
+    messages, norm = [], result.settings.norm
     for eps in result.settings.eps:
         for aa in autoattacks:
             for it in iteratives:
                 acc_aa, acc_it = result.accuracy(eps, aa.name), result.accuracy(eps, it.name)
                 if acc_aa > acc_it:
                     messages.append(f"{aa.label} {_pct(acc_aa)} is above {it.label} {_pct(acc_it)} at "
-                                    f"{eps_str(eps)}: AutoAttack should be the stronger attack (gradient "
+                                    f"{eps_text(eps, norm)}: AutoAttack should be the stronger attack (gradient "
                                     "masking, or a randomised model?)")
     return messages
 
@@ -59,7 +59,7 @@ def black_box_not_better(result: "SuiteResult") -> list[str]:
     white = [a for a in specs if a.white_box]
     if not black or not white:
         return []
-    messages = []
+    messages, norm = [], result.settings.norm
     for eps in result.settings.eps:
         best_white = min(white, key=lambda a: result.accuracy(eps, a.name))
         acc_white = result.accuracy(eps, best_white.name)
@@ -67,7 +67,7 @@ def black_box_not_better(result: "SuiteResult") -> list[str]:
             acc_bb = result.accuracy(eps, bb.name)
             if acc_bb < acc_white:
                 messages.append(f"black-box {bb.label} {_pct(acc_bb)} beats the best white-box attack "
-                                f"{best_white.label} {_pct(acc_white)} at {eps_str(eps)}: gradients are "
+                                f"{best_white.label} {_pct(acc_white)} at {eps_text(eps, norm)}: gradients are "
                                 "probably masked")
     return messages
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from core.threat import NORMS, eps_str
+from core.threat import NORMS, eps_str, eps_text
 
 from .spec import PGD_STEP_FRACTION, AttackSpec, parse_attacks
 from .store import stable_hash
@@ -52,7 +52,7 @@ class SuiteSettings:
         return eps * self.step_fraction
 
     def as_dict(self) -> dict[str, Any]:
-        return {"eps": list(self.eps), "eps_str": [eps_str(e) for e in self.eps],
+        return {"eps": list(self.eps), "eps_str": [eps_text(e, self.norm) for e in self.eps],
                 "attacks": [a.name for a in self.attacks], "norm": self.norm, "seed": self.seed,
                 "batch_size": self.batch_size, "step_fraction": self.step_fraction,
                 "pgd_rule": "PGD/CW: step = eps * step_fraction, uniform random start, 1 restart, "
@@ -99,8 +99,9 @@ class SuiteResult:
         for own in self.settings.eps:
             if math.isclose(own, eps, rel_tol=0, abs_tol=1e-9):
                 return own
-        raise KeyError(f"eps {eps_str(eps)} was not evaluated; evaluated: "
-                       f"{', '.join(eps_str(e) for e in self.settings.eps)}")
+        norm = self.settings.norm
+        raise KeyError(f"eps {eps_text(eps, norm)} was not evaluated; evaluated: "
+                       f"{', '.join(eps_text(e, norm) for e in self.settings.eps)}")
 
     def robust(self, eps: float, attack: str) -> torch.Tensor:
         """Per-sample robust flags; ``attack="worst"`` is robust only if every attack failed."""

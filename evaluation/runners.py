@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from core.threat import eps_str
+from core.threat import eps_text
 
 if TYPE_CHECKING:
     from .results import SuiteSettings
@@ -56,13 +56,15 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.T
 
 
 def perturbation_norm(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-sample L-inf or L2 size of ``x_adv - x``."""
-    d = (x_adv - x).flatten(1)
-    return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+    """Per-sample L-inf, L2 or L1 size of ``x_adv - x``."""
+    from attacks.geometry import per_sample_norm
+
+    return per_sample_norm(x_adv - x, norm)
 
 
 def _bar(ctx: RunContext, spec: "AttackSpec", eps: float, total: int) -> tqdm:
-    return tqdm(total=total, desc=f"{spec.name} {eps_str(eps)}", unit="img", leave=False, disable=not ctx.progress)
+    return tqdm(total=total, desc=f"{spec.name} {eps_text(eps, ctx.settings.norm)}", unit="img", leave=False,
+                disable=not ctx.progress)
 
 
 def run_iterative(ctx: RunContext, spec: "AttackSpec", eps: float, idx: torch.Tensor, seed: int,
@@ -106,7 +108,7 @@ def run_autoattack(ctx: RunContext, spec: "AttackSpec", eps: float, idx: torch.T
                                    batch_size=s.batch_size, state_path=state_path, verbose=False)
         bar.update(len(idx))
     for message in messages:
-        ctx.warn(f"AutoAttack ({spec.name} at {eps_str(eps)}): {message}")
+        ctx.warn(f"AutoAttack ({spec.name} at {eps_text(eps, s.norm)}): {message}")
     broken = ~robust.bool().cpu()
     x_adv = x_adv.detach().cpu()
     ctx.check_bound(spec, eps, x_adv[broken], xs[broken].cpu())

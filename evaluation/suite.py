@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from core.threat import eps_str
+from core.threat import eps_text
 
 from .checks import sanity_checks
 from .results import AttackResult, SuiteResult, SuiteSettings, attack_seed  # noqa: F401  (this module's API)
@@ -31,7 +31,7 @@ from .runners import model_device, perturbation_norm, predict
 from .spec import AttackSpec
 from .store import ResultStore, attack_tag, eps_tag
 
-_BOUND_TOL = 1e-5  # float slack when checking ||x_adv - x|| <= eps
+_BOUND_TOL = 1e-5  # float slack (relative above eps 1) when checking ||x_adv - x|| <= eps
 
 
 @contextmanager
@@ -91,7 +91,7 @@ class _Runner:
                 self.warn(message)
             res = AttackResult(spec.name, eps, cached["robust"].bool(), int(cached["attacked"]),
                                float(cached["seconds"]), seed, cached=True)
-            self.say(f"{eps_str(eps)} {spec.name}: {res.accuracy:.2%} (resumed)")
+            self.say(f"{eps_text(eps, s.norm)} {spec.name}: {res.accuracy:.2%} (resumed)")
             return res
         start, n_warn = time.perf_counter(), len(self.warnings)
         idx = candidates.nonzero().flatten().cpu()
@@ -105,7 +105,7 @@ class _Runner:
         if self.store is not None:
             self.store.save(spec.name, eps, key, robust, attacked=len(idx), seconds=res.seconds, seed=seed,
                             warnings=self.warnings[n_warn:])
-        self.say(f"{eps_str(eps)} {spec.name}: {res.accuracy:.2%} ({int(robust.sum())}/{len(robust)}), "
+        self.say(f"{eps_text(eps, s.norm)} {spec.name}: {res.accuracy:.2%} ({int(robust.sum())}/{len(robust)}), "
                  f"attacked {len(idx)}, {res.seconds:.1f} s")
         return res
 
@@ -113,10 +113,12 @@ class _Runner:
         """Warn when an attack left the eps-ball or the [0, 1] box (a bug in the attack)."""
         if x_adv.numel() == 0:
             return
-        size = perturbation_norm(x_adv, x, self.settings.norm).max().item()
-        if size > eps + _BOUND_TOL or x_adv.min().item() < -_BOUND_TOL or x_adv.max().item() > 1 + _BOUND_TOL:
-            self.warn(f"{spec.name} at {eps_str(eps)} returned points outside the {self.settings.norm} ball "
-                      f"or [0, 1] (largest perturbation {size * 255:.3g}/255): its numbers are invalid")
+        norm = self.settings.norm
+        size = perturbation_norm(x_adv, x, norm).max().item()
+        if size > eps + _BOUND_TOL * max(1.0, eps) or x_adv.min().item() < -_BOUND_TOL or \
+                x_adv.max().item() > 1 + _BOUND_TOL:
+            self.warn(f"{spec.name} at {eps_text(eps, norm)} returned points outside the {norm} ball "
+                      f"or [0, 1] (largest perturbation {eps_text(size, norm)}): its numbers are invalid")
 
     def _adv_path(self, spec: AttackSpec, eps: float) -> Path:
         assert self.adv_dir is not None
@@ -160,7 +162,8 @@ def summary_line(result: SuiteResult) -> str:
     """One line: clean accuracy, then per eps the worst case over the attacks run."""
     parts = [f"n={result.n}", f"clean {result.accuracy(result.settings.eps[0], 'clean'):.2%}"]
     if result.attack_names:
-        worst = " ".join(f"{eps_str(e)} {result.accuracy(e, 'worst'):.2%}" for e in result.settings.eps)
+        norm = result.settings.norm
+        worst = " ".join(f"{eps_text(e, norm)} {result.accuracy(e, 'worst'):.2%}" for e in result.settings.eps)
         parts.append(f"worst over {'+'.join(result.attack_names)}: {worst}")
     parts.append(f"{len(result.warnings)} warning(s)")
     return " | ".join(parts)

@@ -187,7 +187,7 @@ def test_callable_objective_and_autocast(robust_digits_model, points) -> None:
     assert_inside(x_bf, x, eps, "Linf")
 
 
-@pytest.mark.parametrize("kwargs", [dict(norm="L1"), dict(objective="dlr"), dict(random_start="gauss"),
+@pytest.mark.parametrize("kwargs", [dict(norm="L3"), dict(objective="dlr"), dict(random_start="gauss"),
                                     dict(restarts=0), dict(steps=-1), dict(eps=-0.1)])
 def test_bad_arguments_are_user_errors(points, kwargs: dict) -> None:
     x, y = points[0][:2], points[1][:2]

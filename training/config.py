@@ -16,7 +16,7 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 import yaml
 
 from core.files import atomic_write_text
-from core.threat import NORMS, eps_str, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
+from core.threat import NORMS, eps_text, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
 from errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -117,8 +117,8 @@ class TrainConfig:
         if any(m < 1 for m in self.lr_milestones):
             raise UserError(f"--lr-milestones must be epochs >= 1, got {','.join(map(str, self.lr_milestones))}")
         if self.attack_budget == "fixed" and self.attack_step_size <= 0:
-            raise UserError(f"--attack-step-size {eps_str(self.attack_step_size)} must be > 0 with --attack-budget "
-                            "fixed")
+            raise UserError(f"--attack-step-size {eps_text(self.attack_step_size, self.norm)} must be > 0 with "
+                            "--attack-budget fixed")
         return self
 
     def _validate_ranges(self) -> None:
@@ -161,16 +161,16 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
+def _coerce(name: str, tp: Any, value: Any, norm: str = "Linf") -> Any:
     if value is None:
         return None
     if get_origin(tp) is tuple:  # tuple[int, ...]: a YAML list or "75,90" on the command line
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
-        return tuple(_coerce(name, get_args(tp)[0], v) for v in items)
+        return tuple(_coerce(name, get_args(tp)[0], v, norm) for v in items)
     if get_origin(tp) is not None:  # Optional[X]
         tp = next(a for a in get_args(tp) if a is not type(None))
-    if name in ("eps", "attack_step_size"):
-        return parse_eps(value)
+    if name in ("eps", "attack_step_size"):  # in the notation of the run's norm (8/255, 0.5, 12)
+        return parse_eps(value, norm)
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -195,7 +195,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
 
 def _coerce_all(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     hints = get_type_hints(cls)
-    return {k: _coerce(k, hints[k], v) for k, v in d.items()}
+    norm = str(d.get("norm", "Linf"))
+    norm = norm if norm in NORMS else "Linf"  # an unknown norm is reported by validate()
+    return {k: _coerce(k, hints[k], v, norm) for k, v in d.items()}
 
 
 def list_presets() -> list[str]:

@@ -27,7 +27,7 @@ from checkpoints.io import (
 from core.device import resolve_device
 from core.files import atomic_link
 from core.provenance import code_version
-from core.threat import eps_str
+from core.threat import eps_text
 from data import NUM_CLASSES
 from data.sampler import epoch_seed
 from errors import UserError
@@ -227,7 +227,8 @@ class Trainer:
 
     def _print_row(self, r: dict) -> None:
         avg = f" | avg clean {r['val_clean_avg']:.3f} pgd {r['val_pgd_avg']:.3f}" if "val_pgd_avg" in r else ""
-        tqdm.write(f"epoch {r['epoch']:>3}/{self.cfg.epochs} eps {eps_str(r['eps_x255'] / 255)} lr {r['lr']:.4f} "
+        eps = eps_text(r["eps_x255"] / 255, self.cfg.norm)
+        tqdm.write(f"epoch {r['epoch']:>3}/{self.cfg.epochs} eps {eps} lr {r['lr']:.4f} "
                    f"loss {r['train_loss']:.3f} | val clean {r['val_clean']:.3f} pgd {r['val_pgd']:.3f}{avg} "
                    f"| {r['train_time_s']:.0f}s")
 
