@@ -3,9 +3,11 @@
     python eval_autoattack.py runs/c100-gkl --eps 2 4 6 8 10 12 --attacks pgd10 pgd20 cw10 cw20 aa
     python eval_autoattack.py model.pt --arch wrn-34-10 --dataset cifar100 --eps 8/255 --attacks aa
     python eval_autoattack.py --robustbench-model Carmon2019Unlabeled --model-dir ~/models --attacks aa
+    python eval_autoattack.py runs/c10-gkl --norm Linf L2 L1 --attacks clean aa corruptions --data-dir ~/data
 
 Writes report.json / report.md / table_eps.csv / table_attacks.csv / per_sample.csv /
-robust_vs_eps.png into --out (default RUN/eval). ``--resume`` continues an interrupted run.
+robust_vs_eps.png into --out (default RUN/eval); further norms and the corruptions add a section
+to report.json and report.md and their own files. ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
@@ -30,21 +32,32 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from checkpoints.run import WEIGHTS
+    from core.threat import NORMS
     from data import DATASETS
+    from evaluation.corruptions import CORRUPTIONS_ATTACK
     from evaluation.inputs import SPLITS
     from evaluation.spec import EXAMPLES
-    from core.threat import NORMS
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="run folder, project checkpoint .pt, or plain state dict .pt")
     p.add_argument("--robustbench-model", metavar="NAME", help="a RobustBench model-zoo name instead of SOURCE")
     p.add_argument("--model-dir", default="./models", help="RobustBench model folder (default ./models)")
-    p.add_argument("--eps", nargs="+", default=["8/255"], help="radii: 8, 8/255 or 0.0314 (default 8/255)")
-    p.add_argument("--attacks", nargs="+", default=["aa"], help=f"from: {EXAMPLES} (default aa)")
-    p.add_argument("--n-ex", type=int, default=None, help="evaluate the first N points (default all)")
+    p.add_argument("--eps", nargs="+", default=None,
+                   help="radii in the norm's notation: Linf 8, 8/255 or 0.0314; L2 0.5; L1 12. With several "
+                        "--norm write NORM:RADIUS (Linf:8/255 L2:0.5). Default: RobustBench's 8/255, 0.5 and 12")
+    p.add_argument("--attacks", nargs="+", default=["aa"],
+                   help=f"from: {EXAMPLES}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) (default aa)")
+    p.add_argument("--n-ex", type=int, default=None,
+                   help="evaluate the first N points (default all); with corruptions: per corruption and severity")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--norm", choices=NORMS, default=None, help="default: the run's training norm, else Linf")
+    p.add_argument("--norm", nargs="+", choices=NORMS, default=None,
+                   help="one or more threat models, the first is the report's main one (default: the run's "
+                        "training norm, else Linf)")
+    p.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
+                   help="with --attacks corruptions: a subset of the 15 (default all: RobustBench's figure)")
+    p.add_argument("--severities", nargs="+", type=int, default=None, metavar="S",
+                   help="with --attacks corruptions: a subset of the severities 1-5 (default all)")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default=None, help="default: the run's data_dir, else ./datasets")
     p.add_argument("--split", choices=SPLITS, default="test")
@@ -59,18 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate(args: argparse.Namespace):
-    """Check every cheap argument before anything is loaded or written."""
-    from core.threat import parse_eps
+def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None):
+    """Check every cheap argument before anything is loaded or written.
+
+    Returns the suite settings per norm (the main norm first) and the corruption settings (or None).
+    """
+    from core.threat import parse_radii
+    from evaluation.corruptions import CORRUPTIONS_ATTACK, CorruptionSettings
     from evaluation.results import SuiteSettings
 
     if (args.source is None) == (args.robustbench_model is None):
         raise UserError("pass exactly one model: a SOURCE path or --robustbench-model NAME")
     if args.n_ex is not None and args.n_ex <= 0:
         raise UserError(f"--n-ex must be a positive number of images, got {args.n_ex}")
-    eps = [parse_eps(e) for e in args.eps]
-    return SuiteSettings.build(eps, args.attacks, norm=args.norm or "Linf", seed=args.seed,
-                               batch_size=args.batch_size)
+    norms = list(dict.fromkeys(norms or _chosen_norms(args) or ["Linf"]))
+    attacks = [a for a in args.attacks if a.strip().lower() != CORRUPTIONS_ATTACK]
+    corruptions = None
+    if _with_corruptions(args):
+        corruptions = CorruptionSettings.build(args.corruptions, args.severities, n_ex=args.n_ex,
+                                               batch_size=args.batch_size)
+    elif args.corruptions or args.severities:
+        raise UserError(f"--corruptions and --severities choose what --attacks {CORRUPTIONS_ATTACK} evaluates: "
+                        f"add {CORRUPTIONS_ATTACK} to --attacks")
+    radii = parse_radii(args.eps, norms)
+    suites = [SuiteSettings.build(radii[n], attacks, norm=n, seed=args.seed, batch_size=args.batch_size)
+              for n in norms]
+    return suites, corruptions
 
 
 def _load(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]]:
@@ -78,9 +105,9 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]]:
     from data import NUM_CLASSES
 
     if args.robustbench_model:
+        board = args.norm[0] if args.norm and args.norm[0] in ("Linf", "L2") else "Linf"
         return load_robustbench_model(args.robustbench_model, model_dir=args.model_dir,
-                                      dataset=args.dataset or "cifar10", threat_model=args.norm or "Linf",
-                                      device=device)
+                                      dataset=args.dataset or "cifar10", threat_model=board, device=device)
     num_classes = NUM_CLASSES[args.dataset] if args.dataset else None
     with warnings.catch_warnings(record=True):  # the same text comes back in info["notes"], printed once
         return load_model(args.source, weights=args.weights, checkpoint=args.checkpoint, arch=args.arch,
@@ -108,50 +135,82 @@ def _identity(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, load, evaluate, write reports; returns the exit code."""
-    from evaluation import ResultStore, environment_info, load_eval_data, run_suite, summary_line, write_reports
     from core.device import resolve_device
-    from evaluation.results import SuiteSettings
+    from data.corruptions import CorruptedCifar
+    from evaluation import (
+        ResultStore,
+        environment_info,
+        load_eval_data,
+        run_suite,
+        summary_line,
+        write_reports,
+    )
+    from evaluation.corruptions import CorruptionSection, run_corruptions
+    from evaluation.sections import NormSection
 
-    settings = _validate(args)
+    suites, corruptions = _validate(args)
 
     device = resolve_device(args.device)
     start = time.perf_counter()
     model, info = _load(args, device)
     config = info.get("config") or {}
-    if args.norm is None and config.get("norm"):
-        settings = SuiteSettings.build(settings.eps, [a.name for a in settings.attacks], norm=config["norm"],
-                                       seed=settings.seed, batch_size=settings.batch_size)
+    if _chosen_norms(args) is None and config.get("norm") and config["norm"] != suites[0].norm:
+        suites, corruptions = _validate(args, [config["norm"]])
     dataset = args.dataset or info.get("dataset") or config.get("dataset")
     if dataset is None:
         raise UserError("cannot tell which dataset this model was trained on: pass --dataset")
     data_dir = args.data_dir or config.get("data_dir") or "./datasets"
+    corrupted = CorruptedCifar.open(dataset, data_dir, corruptions.corruptions) if corruptions else None
     x, y = load_eval_data(dataset, args.split, data_dir, args.n_ex)
     data = {"dataset": dataset, "split": args.split, "n": len(y), "n_ex": args.n_ex, "data_dir": data_dir,
             "description": f"{dataset} {args.split} split, first {len(y)} points"}
     out = _default_out(args)
     store = ResultStore(out / "cache", _identity(info, data), resume=args.resume)
-    _echo(args, settings, info, data, out)
-    result = run_suite(model, x, y, settings, store=store, adv_dir=(out / "adv") if args.save_adv else None,
-                       progress=not args.quiet)
+    _echo(args, suites, info, data, out)
+    results = [run_suite(model, x, y, s, store=store, progress=not args.quiet,
+                         adv_dir=(out / "adv" / ("" if i == 0 else s.norm)) if args.save_adv else None)
+               for i, s in enumerate(suites)]
+    sections = [NormSection(r) for r in results[1:]]
+    if corrupted is not None:
+        sections.append(CorruptionSection(run_corruptions(model, corrupted, corruptions, store=store,
+                                                          progress=not args.quiet)))
     meta = {"model": dict(info), "data": data, "environment": environment_info(device),
             "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
             "wall_seconds": round(time.perf_counter() - start, 2)}
-    paths = write_reports(result, out, meta)
-    print(f"{summary_line(result)} | report: {paths['markdown']}")
+    paths = write_reports(results[0], out, meta, sections)
+    lines = [f"{r.settings.norm}: {summary_line(r)}" if len(results) > 1 else summary_line(r) for r in results]
+    lines += [s.summary() for s in sections if isinstance(s, CorruptionSection)]
+    print(" || ".join(lines) + f" | report: {paths['markdown']}")
     return 0
 
 
-def _echo(args: argparse.Namespace, settings, info: dict[str, Any], data: dict[str, Any], out: Path) -> None:
-    from core.threat import eps_str
+def _echo(args: argparse.Namespace, suites, info: dict[str, Any], data: dict[str, Any], out: Path) -> None:
+    from core.threat import eps_text
 
     for note in info.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     if args.quiet:
         return
+    radii = " ".join(f"{s.norm} eps {' '.join(eps_text(e, s.norm) for e in s.eps)}" for s in suites)
     print(f"model {info.get('source')} ({info.get('arch')}, weights {info.get('weights')}, epoch "
-          f"{info.get('epoch')}) | {data['description']} | {settings.norm} eps "
-          f"{' '.join(eps_str(e) for e in settings.eps)} | attacks {' '.join(a.name for a in settings.attacks)} "
-          f"| seed {settings.seed} | out {out}", file=sys.stderr)
+          f"{info.get('epoch')}) | {data['description']} | {radii} | attacks "
+          f"{' '.join(a.name for a in suites[0].attacks)}{' corruptions' if _with_corruptions(args) else ''} "
+          f"| seed {suites[0].seed} | out {out}", file=sys.stderr)
+
+
+def _with_corruptions(args: argparse.Namespace) -> bool:
+    from evaluation.corruptions import CORRUPTIONS_ATTACK
+
+    return any(a.strip().lower() == CORRUPTIONS_ATTACK for a in args.attacks)
+
+
+def _chosen_norms(args: argparse.Namespace) -> Optional[list[str]]:
+    """``--norm``, else the norms that ``--eps NORM:RADIUS`` values name, else None (the run decides)."""
+    if args.norm:
+        return list(args.norm)
+    if args.eps and all(":" in e for e in args.eps):
+        return [e.split(":", 1)[0].strip() for e in args.eps]
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

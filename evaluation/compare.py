@@ -1,7 +1,8 @@
 """Side-by-side table of several evaluated runs: ``python -m evaluation.compare RUN [RUN ...]``.
 
 Reads each ``RUN/eval/report.json`` written by eval_autoattack.py and prints one Markdown row per
-run: clean accuracy and the robust accuracy of every (attack, eps) it holds.
+run: clean accuracy and the robust accuracy of every (attack, eps) it holds, for every norm of the
+report (titles ``AA 8/255`` for L-inf, ``AA L2 0.5``, ``AA L1 12``), and the common-corruptions mean.
 """
 from __future__ import annotations
 
@@ -22,19 +23,25 @@ def load_report(run: str | Path) -> EvalReport:
 def comparison_table(runs: Sequence[str]) -> str:
     """Markdown table: a row per run, columns clean and '<attack> <eps>' in report order."""
     reports = [load_report(r) for r in runs]
-    columns: list[tuple[str, str]] = []
-    for rep in reports:
-        for r in rep.rows:
-            key = (r.label, r.eps_str)
-            if key not in columns:
-                columns.append(key)
-    header = "| run | clean | " + " | ".join(f"{a} {e}" for a, e in columns) + " |"
+    figures = [_figures(rep) for rep in reports]
+    columns = list(dict.fromkeys(title for fig in figures for title in fig))
+    header = "| run | clean | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
-    for run, rep in zip(runs, reports):
-        by_key = {(r.label, r.eps_str): r.robust_accuracy for r in rep.rows}
+    for run, rep, by_key in zip(runs, reports, figures):
         cells = [f"{100 * by_key[c]:.2f}" if c in by_key else "" for c in columns]
         lines.append(f"| {run} | {100 * rep.clean_accuracy:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _figures(rep: EvalReport) -> dict[str, float]:
+    """Column title -> accuracy in [0, 1] for every threat model of one report, in report order."""
+    out = {}
+    for part in [rep, *rep.sections.values()]:
+        prefix = "" if part.norm in (None, "Linf") else f"{part.norm} "
+        out.update({f"{r.label} {prefix}{r.eps_str}": r.robust_accuracy for r in part.rows})
+    if rep.corruptions is not None:
+        out["corruptions mean"] = rep.corruptions.mean_accuracy
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

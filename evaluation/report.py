@@ -10,16 +10,16 @@ import json
 import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, Sequence
 
 import pandas as pd
 import torch
 
 from core.files import atomic_write
 from core.provenance import now_iso, package_versions
-from core.threat import eps_str
+from core.threat import eps_text
 from errors import UserError
 
 from .results import SuiteResult
@@ -40,12 +40,12 @@ def _pct(value: float) -> float:
 
 def table_eps(result: SuiteResult) -> pd.DataFrame:
     """Table 14 layout: rows = attacks and Worst; columns = Clean, each eps (x/255), Avg."""
-    labels = _labels(result)
+    labels, norm = _labels(result), result.settings.norm
     rows = {}
     for name in result.attack_names + ["worst"]:
         values = [_pct(result.accuracy(e, name)) for e in result.settings.eps]
         row = {"Clean": _pct(result.accuracy(result.settings.eps[0], "clean"))}
-        row.update({eps_str(e): v for e, v in zip(result.settings.eps, values)})
+        row.update({eps_text(e, norm): v for e, v in zip(result.settings.eps, values)})
         row["Avg."] = round(sum(values) / len(values), 2)
         rows[labels.get(name, "Worst")] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
@@ -55,13 +55,13 @@ def table_eps(result: SuiteResult) -> pd.DataFrame:
 
 def table_attacks(result: SuiteResult) -> pd.DataFrame:
     """Table 15 layout: rows = eps (x/255); columns = Clean, each attack, Worst."""
-    labels = _labels(result)
+    labels, norm = _labels(result), result.settings.norm
     rows = {}
     for eps in result.settings.eps:
         row = {"Clean": _pct(result.accuracy(eps, "clean"))}
         row.update({labels[n]: _pct(result.accuracy(eps, n)) for n in result.attack_names})
         row["Worst"] = _pct(result.accuracy(eps, "worst"))
-        rows[eps_str(eps)] = row
+        rows[eps_text(eps, norm)] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "eps"
     return frame
@@ -70,9 +70,10 @@ def table_attacks(result: SuiteResult) -> pd.DataFrame:
 def per_sample_frame(result: SuiteResult) -> pd.DataFrame:
     """One row per evaluated point: label, clean flag, and ``attack@eps`` robust flags (0/1)."""
     columns: dict[str, Any] = {"label": result.labels.tolist(), "clean": result.clean.int().tolist()}
+    norm = result.settings.norm
     for eps in result.settings.eps:
         for name in result.attack_names + ["worst"]:
-            columns[f"{name}@{eps_str(eps)}"] = result.robust(eps, name).int().tolist()
+            columns[f"{name}@{eps_text(eps, norm)}"] = result.robust(eps, name).int().tolist()
     frame = pd.DataFrame(columns)
     frame.index.name = "index"
     return frame
@@ -90,20 +91,22 @@ def environment_info(device: Optional[torch.device] = None) -> dict[str, Any]:
 
 def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Everything as JSON-ready data: settings, per-(eps, attack) numbers, flags, warnings."""
-    labels = _labels(result)
+    labels, norm = _labels(result), result.settings.norm
     rows = []
     for eps in result.settings.eps:
         for name in result.attack_names + ["worst"]:
             flags = result.robust(eps, name)
             res = result.results.get((eps, name))
-            rows.append({"eps": eps, "eps_str": eps_str(eps), "attack": name, "label": labels.get(name, "Worst"),
+            rows.append({"eps": eps, "eps_str": eps_text(eps, norm), "attack": name,
+                         "label": labels.get(name, "Worst"),
                          "robust_accuracy": flags.float().mean().item(), "robust_count": int(flags.sum()),
                          "n": result.n, "attacked": res.attacked if res else None,
                          "seconds": round(res.seconds, 3) if res else None, "seed": res.seed if res else None,
                          "resumed": res.cached if res else None})
     per_sample = {"clean": _bits(result.clean)}
     for eps in result.settings.eps:
-        per_sample[eps_str(eps)] = {n: _bits(result.robust(eps, n)) for n in result.attack_names + ["worst"]}
+        per_sample[eps_text(eps, norm)] = {n: _bits(result.robust(eps, n))
+                                           for n in result.attack_names + ["worst"]}
     return {"created": now_iso(),
             "settings": result.settings.as_dict(), **(meta or {}),
             "n": result.n, "clean_accuracy": result.clean.float().mean().item(),
@@ -132,7 +135,7 @@ def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) 
     lines += [f"- model: {model.get('arch')} ({model.get('kind')}), weights {model.get('weights')}, "
               f"epoch {model.get('epoch')}, file {model.get('path')}",
               f"- data: {meta.get('data', {}).get('description', f'{result.n} points')}",
-              f"- threat model: {s.norm}, eps {', '.join(eps_str(e) for e in s.eps)}; seed {s.seed}; fp32",
+              f"- threat model: {s.norm}, eps {', '.join(eps_text(e, s.norm) for e in s.eps)}; seed {s.seed}; fp32",
               f"- {s.as_dict()['pgd_rule']} (fraction {s.step_fraction:g})",
               "- multi-eps: at each eps an attack runs only on the points it could not break at the "
               "previous eps", ""]
@@ -154,14 +157,15 @@ def plot_robustness(result: SuiteResult, path: str | os.PathLike) -> None:
     fig = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    xs = [e * 255 for e in result.settings.eps]
+    norm = result.settings.norm
+    xs = [e * (255 if norm == "Linf" else 1) for e in result.settings.eps]
     labels = _labels(result)
     for name in result.attack_names + ["worst"]:
         ys = [100 * result.accuracy(e, name) for e in result.settings.eps]
         style = dict(linestyle="--", color="black") if name == "worst" else {}
         ax.plot(xs, ys, marker="o", label=labels.get(name, "Worst"), **style)
     ax.axhline(100 * result.clean.float().mean().item(), linestyle=":", color="gray", label="Clean")
-    ax.set_xlabel(f"eps ({result.settings.norm}, x/255)")
+    ax.set_xlabel(f"eps ({norm}, x/255)" if norm == "Linf" else f"eps ({norm})")
     ax.set_ylabel("robust accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -169,18 +173,39 @@ def plot_robustness(result: SuiteResult, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
+class ReportSection(Protocol):
+    """A further part of one report (another norm, common corruptions): its JSON goes under
+    ``sections[key]`` of report.json, its Markdown after the main tables, its files beside them."""
+
+    key: str
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def markdown(self) -> str: ...
+
+    def write_files(self, out: Path) -> dict[str, Path]: ...
+
+
 def write_reports(result: SuiteResult, out_dir: str | os.PathLike,
-                  meta: Optional[dict[str, Any]] = None) -> dict[str, Path]:
-    """Write every report file into ``out_dir`` (each atomically); returns kind -> path."""
+                  meta: Optional[dict[str, Any]] = None, sections: Sequence[ReportSection] = ()) -> dict[str, Path]:
+    """Write every report file into ``out_dir`` (each atomically); returns kind -> path.
+
+    ``result`` is the main threat model (top-level fields of report.json); ``sections`` add more.
+    """
     out = Path(out_dir)
     paths = {kind: out / name for kind, name in REPORT_FILES.items()}
     data = report_dict(result, meta)
+    if sections:
+        data["sections"] = {s.key: s.to_dict() for s in sections}
+    text = "\n".join([markdown_report(result, meta), *(s.markdown() for s in sections)])
     atomic_write(paths["json"], lambda f: json.dump(data, f, indent=1, default=str), binary=False)
-    atomic_write(paths["markdown"], lambda f: f.write(markdown_report(result, meta)), binary=False)
+    atomic_write(paths["markdown"], lambda f: f.write(text), binary=False)
     atomic_write(paths["table_eps"], lambda f: table_eps(result).to_csv(f), binary=False)
     atomic_write(paths["table_attacks"], lambda f: table_attacks(result).to_csv(f), binary=False)
     atomic_write(paths["per_sample"], lambda f: per_sample_frame(result).to_csv(f), binary=False)
     plot_robustness(result, paths["plot"])
+    for section in sections:
+        paths.update(section.write_files(out))
     return paths
 
 
@@ -197,9 +222,32 @@ class ReportRow:
     n: Optional[int]
 
 
+@dataclass(frozen=True)
+class CorruptionsReport:
+    """The common-corruptions section of a report: accuracy per (corruption, severity) and the mean."""
+
+    dataset: Optional[str]
+    mean_accuracy: float
+    n_per_severity: int
+    robustbench_figure: bool  # all 15 corruptions x 5 severities on 10,000 images each
+    accuracies: dict[tuple[str, int], float]
+
+    @property
+    def corruptions(self) -> list[str]:
+        return list(dict.fromkeys(c for c, _ in self.accuracies))
+
+    @property
+    def severities(self) -> list[int]:
+        return sorted({s for _, s in self.accuracies})
+
+
 @dataclass
 class EvalReport:
-    """A ``report.json`` written by :func:`write_reports`, read back (the one reader of that file)."""
+    """A ``report.json`` written by :func:`write_reports`, read back (the one reader of that file).
+
+    The top level is the main threat model; ``sections`` holds further norms (each an
+    ``EvalReport`` of its own) and ``corruptions`` the common-corruptions section, if evaluated.
+    """
 
     path: Path
     clean_accuracy: float
@@ -210,10 +258,21 @@ class EvalReport:
     model: dict[str, Any]
     rows: list[ReportRow]
     raw: dict[str, Any]
+    sections: dict[str, "EvalReport"] = field(default_factory=dict)
+    corruptions: Optional[CorruptionsReport] = None
 
     def find(self, attack: str, eps: float, tol: float = 1e-6) -> Optional[ReportRow]:
         """The row of ``attack`` at ``eps`` (up to ``tol``), or None."""
         return next((r for r in self.rows if r.attack == attack and abs(r.eps - eps) < tol), None)
+
+    @property
+    def norms(self) -> list[str]:
+        """The threat models with eps results, the main one first."""
+        return [n for n in [self.norm, *self.sections] if n]
+
+    def threat(self, norm: str) -> Optional["EvalReport"]:
+        """The part of the report for ``norm`` (the report itself or a section), or None."""
+        return self if self.norm == norm else self.sections.get(norm)
 
 
 def report_path(source: str | os.PathLike) -> Path:
@@ -234,11 +293,35 @@ def read_report(path: str | os.PathLike, *, missing_hint: str = "run eval_autoat
                         "(rerun eval_autoattack.py)") from None
     if not isinstance(raw, dict) or "results" not in raw or "clean_accuracy" not in raw:
         raise UserError(f"{path} is not a report.json written by eval_autoattack.py (no results/clean_accuracy)")
-    settings, data = raw.get("settings") or {}, raw.get("data") or {}
+    report = _suite_part(path, raw, raw)
+    sections = raw.get("sections") or {}
+    if not isinstance(sections, dict):
+        raise UserError(f"{path} has malformed sections: rerun eval_autoattack.py")
+    for key, part in sections.items():
+        if key == "corruptions":
+            report.corruptions = _corruptions_part(path, part)
+        elif isinstance(part, dict) and "results" in part and "clean_accuracy" in part:
+            report.sections[key] = _suite_part(path, part, raw)
+    return report
+
+
+def _suite_part(path: Path, part: dict[str, Any], top: dict[str, Any]) -> EvalReport:
+    """One threat model's figures; data and model come from the top level (one model, one data set)."""
+    settings, data = part.get("settings") or {}, top.get("data") or {}
     try:
         rows = [ReportRow(float(r.get("eps", "nan")), str(r.get("eps_str", "")), str(r.get("attack", "")),
-                          str(r.get("label", "")), float(r["robust_accuracy"]), r.get("n")) for r in raw["results"]]
+                          str(r.get("label", "")), float(r["robust_accuracy"]), r.get("n")) for r in part["results"]]
+        clean = float(part["clean_accuracy"])
     except (AttributeError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} has malformed results rows: rerun eval_autoattack.py") from None
-    return EvalReport(path, float(raw["clean_accuracy"]), raw.get("n"), settings.get("norm"), data.get("dataset"),
-                      data.get("split"), dict(raw.get("model") or {}), rows, raw)
+    return EvalReport(path, clean, part.get("n"), settings.get("norm"), data.get("dataset"),
+                      data.get("split"), dict(top.get("model") or {}), rows, part)
+
+
+def _corruptions_part(path: Path, part: Any) -> CorruptionsReport:
+    try:
+        accuracies = {(str(r["corruption"]), int(r["severity"])): float(r["accuracy"]) for r in part["results"]}
+        return CorruptionsReport(part.get("dataset"), float(part["mean_accuracy"]), int(part["n_per_severity"]),
+                                 bool(part.get("robustbench_figure")), accuracies)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise UserError(f"{path} has a malformed corruptions section: rerun eval_autoattack.py") from None

@@ -104,6 +104,16 @@ def _mkdir(name: str) -> Callable[[Paths], None]:
     return lambda p: (p.tmp / name).mkdir()
 
 
+def _corrupted(labels: int = 20, names: tuple[str, ...] = ("fog",)) -> Callable[[Paths], None]:
+    """A CIFAR-10-C folder under tmp/cc holding ``names`` (4 images per severity) and ``labels`` labels."""
+    def setup(p: Paths) -> None:
+        from corruptions_fixture import write_fake_cifar_c
+
+        folder = write_fake_cifar_c(p.tmp / "cc", names, 4)
+        np.save(folder / "labels.npy", np.zeros(labels, dtype=np.uint8))
+    return setup
+
+
 def _bad_run_config(p: Paths) -> None:
     (p.run / "config.yaml").write_text("arch: [small-cnn\nepochs: 3\n")
 
@@ -180,6 +190,27 @@ EVAL_CASES = [
     Case("eval: unknown norm", "eval", lambda p: [str(p.run), "--norm", "L3"], "L3"),
     Case("eval: negative n-ex", "eval", lambda p: [str(p.run), "--n-ex", "-5"], "-5"),
     Case("eval: unknown split", "eval", lambda p: [str(p.run), "--split", "nope"], "nope"),
+    Case("eval: unknown norm among several", "eval", lambda p: [str(p.run), "--norm", "Linf", "L3"], "L3"),
+    Case("eval: radius of a norm not asked for", "eval", lambda p: [str(p.run), "--eps", "L2:0.5", "--norm", "Linf"],
+         "L2:0.5"),
+    Case("eval: unprefixed radius with two norms", "eval", lambda p: [str(p.run), "--norm", "Linf", "L2", "--eps",
+                                                                       "0.5"], "NORM:RADIUS"),
+    Case("eval: L2 radius beyond the image cube", "eval", lambda p: [str(p.run), "--norm", "L2", "--eps", "80"], "80"),
+    Case("eval: unknown corruption", "eval", lambda p: [str(p.run), "--attacks", "corruptions", "--corruptions",
+                                                        "rain"], "rain"),
+    Case("eval: severity 6", "eval", lambda p: [str(p.run), "--attacks", "corruptions", "--severities", "6"], "6"),
+    Case("eval: severities without corruptions", "eval", lambda p: [str(p.run), "--severities", "1"],
+         "--severities"),
+    Case("eval: corruptions of digits", "eval", lambda p: [str(p.run), "--attacks", "corruptions"], "digits"),
+    Case("eval: corruptions folder missing", "eval", lambda p: [str(p.run), "--dataset", "cifar10", "--data-dir",
+                                                                str(p.tmp / "cc"), "--attacks", "corruptions"],
+         lambda p: str(p.tmp / "cc" / "CIFAR-10-C")),
+    Case("eval: corruptions folder missing a file", "eval",
+         lambda p: [str(p.run), "--dataset", "cifar10", "--data-dir", str(p.tmp / "cc"), "--attacks", "corruptions",
+                    "--corruptions", "fog", "snow"], "snow.npy", setup=_corrupted()),
+    Case("eval: corruption labels of another length", "eval",
+         lambda p: [str(p.run), "--dataset", "cifar10", "--data-dir", str(p.tmp / "cc"), "--attacks", "corruptions",
+                    "--corruptions", "fog"], "labels.npy 25 labels", setup=_corrupted(labels=25)),
     Case("eval: folder without checkpoints", "eval", lambda p: [str(p.tmp / "empty")], lambda p: str(p.tmp / "empty"),
          setup=_mkdir("empty")),
 ]
