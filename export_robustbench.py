@@ -5,9 +5,11 @@
     python export_robustbench.py runs/c100-gkl --claim --data-dir ~/data     # + RobustBench's own AA
     python export_robustbench.py weights.pt --arch wrn-34-10 --dataset cifar100 --allow-unevaluated
 
-Reads the measured clean and AutoAttack accuracy from RUN/eval/report.json (eval_autoattack.py).
-Writes into --out (default RUN/robustbench): models/<dataset>/<threat>/<name>.pt|.safetensors,
-model_info/<dataset>/<threat>/<name>.json, zoo_entry.py, export.json (and claim.json).
+Reads the measured figures from RUN/eval/report.json (eval_autoattack.py): clean and AutoAttack
+accuracy per norm, the corruptions mean. Exports every RobustBench board (Linf, L2, corruptions)
+the report has results for, or the one --norm names. Writes into --out (default RUN/robustbench):
+models/<dataset>/<board>/<name>.pt|.safetensors, model_info/<dataset>/<board>/<name>.json,
+zoo_entry.py, export.json (and claim.json).
 Exit codes: 0 done, 1 the exported weights do not reproduce the model, 2 a usage error.
 """
 from __future__ import annotations
@@ -42,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="architecture of a plain state dict (e.g. wrn-34-10)")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="pt", help="weights file format (default pt)")
-    p.add_argument("--eval-json", default=None, help="report.json of eval_autoattack.py (default RUN/eval/report.json)")
+    p.add_argument("--eval-json", nargs="+", default=None,
+                   help="report.json file(s) of eval_autoattack.py (default RUN/eval/report.json); each board's "
+                        "figures come from the one report that has them")
     p.add_argument("--allow-unevaluated", action="store_true", help="export without measured accuracies")
-    p.add_argument("--norm", choices=THREAT_MODELS, default=None, help="default: the run's training norm")
-    p.add_argument("--eps", default=None, help="threat-model radius (default: the run's eps, else 8/255 or 0.5)")
+    p.add_argument("--norm", choices=THREAT_MODELS, default=None,
+                   help="export this board only (default: every board with results, the run's training norm first)")
+    p.add_argument("--eps", default=None, help="radius of the first board (default: the run's eps on its training "
+                                               "norm's board, else RobustBench's 8/255 or 0.5)")
     card = p.add_argument_group("model_info fields only a human knows")
     card.add_argument("--name", default="", help="paper title")
     card.add_argument("--authors", default="", help="comma-separated authors")
@@ -55,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--additional-data", action="store_true", help="trained with extra real data")
     card.add_argument("--forward-passes", type=int, default=1, help="number_forward_passes (default 1)")
     card.add_argument("--reported", type=float, default=None,
-                      help="robust accuracy %% in the paper (default: the measured AutoAttack accuracy)")
+                      help="robust accuracy %% in the paper, for the first board (default: the measured figure)")
     claim = p.add_argument_group("claim: robustbench.eval.benchmark on the exported file, offline")
-    claim.add_argument("--claim", action="store_true", help="run RobustBench's own AutoAttack evaluation")
-    claim.add_argument("--data-dir", default=None, help="folder holding the CIFAR test files (default: the run's)")
+    claim.add_argument("--claim", action="store_true", help="run RobustBench's own evaluation for each board")
+    claim.add_argument("--data-dir", default=None, help="folder holding the CIFAR test files and, for the corruptions "
+                                                        "board, CIFAR-10-C/ or CIFAR-100-C/ (default: the run's)")
     claim.add_argument("--claim-n", type=int, default=FULL_TEST_SET, help=f"test points (default {FULL_TEST_SET})")
     claim.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
@@ -82,29 +89,30 @@ def request_from_args(args: argparse.Namespace):
 
 
 def _parse_radius(text: str, norm: Optional[str]) -> float:
-    """Linf radii as 8, 8/255 or 0.0314; an L2 radius is taken as written (0.5 stays 0.5)."""
+    """A radius in its board's notation: Linf 8, 8/255 or 0.0314; L2 as written (0.5 stays 0.5)."""
     from core.threat import parse_eps
 
-    if norm == "L2" and "/" not in text:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(f"cannot read --eps {text!r}: write it as 0.5") from None
-        if not value > 0:
-            raise UserError(f"--eps must be positive, got {text}")
-        return value
-    return parse_eps(text)
+    if norm == "corruptions":
+        raise UserError("--eps has no meaning for the corruptions board: drop it")
+    value = parse_eps(text, norm or "Linf")
+    if not value > 0:
+        raise UserError(f"--eps must be positive, got {text}")
+    return value
 
 
 def print_result(result) -> None:
     """The verification line, the written paths and the notes."""
     print(f"verified: strict load into RobustBench's class, max |logit diff| = {result.max_abs_diff:.3e} "
           f"(< 1e-5 fp32)")
-    info = result.model_info
-    print(f"model_info: {info['architecture']} {info['dataset']} eps {info['eps']} clean {info['clean_acc']} "
-          f"AA {info['autoattack_acc']}")
-    for label, path in (("weights", result.weights), ("model_info", result.model_info_path),
-                        ("zoo entry", result.zoo_entry), ("claim", result.claim_path), ("record", result.record)):
+    for board, done in result.boards.items():
+        info = done.model_info
+        figure = f"AA {info['autoattack_acc']}" if "autoattack_acc" in info else \
+            f"corruptions {info['corruptions_acc']}"
+        eps = f" eps {info['eps']}" if info.get("eps") else ""
+        print(f"model_info {board}: {info['architecture']} {info['dataset']}{eps} clean {info['clean_acc']} {figure}"
+              f" -> {done.model_info_path}")
+    for label, path in (("weights", result.weights), ("zoo entry", result.zoo_entry), ("claim", result.claim_path),
+                        ("record", result.record)):
         if path is not None:
             print(f"{label}: {path}")
     for note in result.notes:

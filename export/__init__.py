@@ -2,8 +2,9 @@
 
 - :mod:`export.arch`: which RobustBench constructor rebuilds a model (and back), the zoo entry;
 - :mod:`export.weights`: weights in RobustBench's key layout, ``.pt``/``.safetensors``, verification;
-- :mod:`export.model_info`: measured figures and the ``model_info`` JSON;
-- :mod:`export.claim`: RobustBench's own ``benchmark`` on the exported file, offline;
+- :mod:`export.boards`: RobustBench's boards (Linf, L2, corruptions) and the figures each takes from a report;
+- :mod:`export.model_info`: the ``model_info`` JSON of each board;
+- :mod:`export.claim`: RobustBench's own ``benchmark`` on the exported file, offline, per board;
 - :mod:`export.submission`: :func:`export`, which plans, writes and checks a whole submission.
 """
 from .arch import (
@@ -17,20 +18,31 @@ from .arch import (
                    robustbench_arch,
                    zoo_entry_source,
 )
-from .claim import FULL_TEST_SET, RB_DATASETS, claim_data_root, run_claim
-from .model_info import (
-                   MODEL_INFO_FIELDS,
+from .boards import (
+                   BOARDS,
+                   CORRUPTIONS_BOARD,
+                   STANDARD_EPS,
+                   THREAT_MODELS,
+                   ZOO_LISTS,
+                   CorruptionFigures,
                    Figures,
+                   boards_for,
+)
+from .claim import FULL_TEST_SET, RB_DATASETS, claim_corruptions_root, claim_data_root, run_claim
+from .model_info import (
+                   CORRUPTIONS_INFO_FIELDS,
+                   MODEL_INFO_FIELDS,
                    ModelCard,
+                   board_fields,
+                   build_corruptions_info,
                    build_model_info,
                    pct,
                    validate_model_info,
 )
 from .submission import (
                    FORMATS,
-                   STANDARD_EPS,
-                   THREAT_MODELS,
                    WEIGHT_CHOICES,
+                   BoardExport,
                    ExportRequest,
                    ExportResult,
                    default_model_name,
@@ -48,9 +60,11 @@ from .weights import (
 )
 
 __all__ = [
-    "FORMATS", "FULL_TEST_SET", "LOGIT_TOLERANCE", "MODEL_INFO_FIELDS", "RB_DATASETS", "STANDARD_EPS", "SUPPORTED",
-    "THREAT_MODELS", "WEIGHT_CHOICES", "ExportMismatch", "ExportRequest", "ExportResult", "Figures", "ModelCard",
-    "RobustBenchArch", "build_model_info", "claim_data_root", "default_model_name", "default_out", "export",
+    "BOARDS", "CORRUPTIONS_BOARD", "CORRUPTIONS_INFO_FIELDS", "FORMATS", "FULL_TEST_SET", "LOGIT_TOLERANCE",
+    "MODEL_INFO_FIELDS", "RB_DATASETS", "STANDARD_EPS", "SUPPORTED", "THREAT_MODELS", "WEIGHT_CHOICES", "ZOO_LISTS",
+    "BoardExport", "CorruptionFigures", "ExportMismatch", "ExportRequest", "ExportResult", "Figures", "ModelCard",
+    "RobustBenchArch", "board_fields", "boards_for", "build_corruptions_info", "build_model_info",
+    "claim_corruptions_root", "claim_data_root", "default_model_name", "default_out", "export",
     "file_sha256", "install_robustbench", "load_into_robustbench", "load_weights", "max_logit_diff", "pct",
     "probe_batch", "project_model_from_robustbench", "robustbench_arch", "robustbench_state_dict", "run_claim",
     "save_weights", "validate_model_info", "verify_export", "zoo_entry_source",

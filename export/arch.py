@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ import torch.nn as nn
 
 from core.device import module_device
 from errors import UserError
+
+from .boards import ZOO_LISTS
 
 LOGIT_TOLERANCE = 1e-5
 SUPPORTED = ("wrn-D-W (RobustBench wide_resnet.WideResNet: wrn-34-10, wrn-28-10, ...), "
@@ -220,11 +222,19 @@ def probe_batch(n: int, device: torch.device | str = "cpu", seed: int = 0) -> to
     return torch.rand(n, 3, 32, 32, generator=g).to(device)
 
 
-def zoo_entry_source(model_name: str, arch: RobustBenchArch, dataset: str, norm: str) -> str:
-    """A Python file holding the model-zoo entry (``ENTRY``) to paste into RobustBench."""
+def zoo_entry_source(model_name: str, arch: RobustBenchArch, dataset: str, norm: str | Sequence[str]) -> str:
+    """A Python file holding the model-zoo entry (``ENTRY``) to paste into RobustBench, once per board.
+
+    ``norm``: the board (``Linf``, ``L2``, ``corruptions``) or several; each board is its own list of
+    ``robustbench/model_zoo/<dataset>.py`` (``linf``, ``l2``, ``common_corruptions``).
+    """
+    boards = [norm] if isinstance(norm, str) else list(norm)
+    lists = " and ".join(f"`{ZOO_LISTS.get(b, b.lower())}`" for b in boards)
     return "\n".join([
-        f"# RobustBench model-zoo entry for {model_name} ({dataset}, {norm}), written by export_robustbench.py.",
-        f"# Paste ENTRY's tuple into the `{norm.lower()}` list of robustbench/model_zoo/{dataset}.py",
+        f"# RobustBench model-zoo entry for {model_name} ({dataset}, {', '.join(boards)}), written by "
+        "export_robustbench.py.",
+        f"# Paste ENTRY's tuple into the {lists} list{'s' if len(boards) > 1 else ''} of "
+        f"robustbench/model_zoo/{dataset}.py",
         "# and set 'gdrive_id' to the shared file of the exported weights. The export loaded the weights",
         "# into exactly this constructor with strict=True and compared its logits with the trained model.",
         *arch.import_lines(), "",

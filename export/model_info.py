@@ -1,7 +1,9 @@
 """``model_info``: RobustBench's JSON record of a model, filled from measured figures and a model card.
 
 Percentages are strings with two decimals, eps reads ``"8/255"`` or ``"0.5"``, fields come in
-RobustBench's order (``model_info/<dataset>/<threat>/<name>.json``).
+RobustBench's order (``model_info/<dataset>/<threat>/<name>.json``). The corruptions board's files
+have ``corruptions_acc`` instead of ``autoattack_acc``, ``eps`` null and no ``unreliable`` (as in
+RobustBench's ``model_info/cifar10/corruptions/*.json``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from core.threat import eps_text
 from errors import UserError
 
+from .boards import (  # noqa: F401  (Figures and figures_from_report: this module's API before boards.py)
+    CORRUPTIONS_BOARD,
+    CorruptionFigures,
+    Figures,
+    figures_from_report,
+)
+
 if TYPE_CHECKING:
     from evaluation.report import EvalReport
 
@@ -23,18 +32,16 @@ MODEL_INFO_FIELDS: dict[str, str] = {
     "eps": "str", "clean_acc": "pct", "reported": "pct", "autoattack_acc": "pct",
     "footnote": "str?", "unreliable": "bool",
 }
+CORRUPTIONS_INFO_FIELDS: dict[str, str] = {
+    "link": "str", "name": "str", "authors": "str", "additional_data": "bool",
+    "number_forward_passes": "int", "dataset": "str", "venue": "str", "architecture": "str",
+    "eps": "null", "clean_acc": "pct", "reported": "pct", "corruptions_acc": "pct", "footnote": "str?",
+}
 
 
-@dataclass(frozen=True)
-class Figures:
-    """Measured accuracies (fractions in [0, 1]) at one threat model, and where they come from."""
-
-    clean: float
-    autoattack: float
-    n: int
-    eps: float
-    norm: str
-    source: str
+def board_fields(board: str) -> dict[str, str]:
+    """The model_info fields of ``board`` (``Linf``, ``L2`` or ``corruptions``)."""
+    return CORRUPTIONS_INFO_FIELDS if board == CORRUPTIONS_BOARD else MODEL_INFO_FIELDS
 
 
 def pct(fraction: float) -> str:
@@ -54,25 +61,6 @@ def check_report_model(report: "EvalReport", info: Mapping[str, Any]) -> None:
         raise UserError(f"{report.path} evaluated other weights than this export takes ({'; '.join(differ)}): run "
                         "eval_autoattack.py with the same --weights/--checkpoint, or pass --eval-json of that run")
 
-
-def figures_from_report(report: "EvalReport", *, dataset: str, norm: str, eps: float) -> Figures:
-    """Clean and standard-AutoAttack accuracy at ``eps`` from an evaluation report."""
-    path = report.path
-    if report.norm != norm:
-        raise UserError(f"{path} evaluated the {report.norm} threat model, not {norm}: pass "
-                        f"--norm {report.norm} or evaluate with --norm {norm}")
-    if report.dataset != dataset or (report.split or "test") != "test":
-        raise UserError(f"{path} evaluated {report.dataset} {report.split}, but RobustBench figures are "
-                        f"on the {dataset} test split: rerun eval_autoattack.py with --dataset {dataset} --split test")
-    row = report.find("aa", eps)
-    if row is None:
-        have = ", ".join(eps_text(r.eps, norm) for r in report.rows if r.attack == "aa") or "none"
-        text = eps_text(eps, norm)
-        raise UserError(f"{path} has no standard AutoAttack (aa) result at eps {text} (aa at: {have}): "
-                        f"run eval_autoattack.py SOURCE --eps {text} --attacks aa, or pass --eps")
-    n = report.n if report.n is not None else (row.n or 0)
-    return Figures(clean=report.clean_accuracy, autoattack=row.robust_accuracy, n=int(n), eps=eps, norm=norm,
-                   source=str(path))
 
 
 @dataclass
@@ -110,10 +98,26 @@ def build_model_info(card: ModelCard, *, dataset: str, architecture: str, eps: f
     return info
 
 
-def validate_model_info(info: Mapping[str, Any], *, evaluated: bool = True) -> list[str]:
-    """Problems of a model_info dict against RobustBench's fields and types (empty when valid)."""
-    problems = [f"unknown field {k!r}" for k in info if k not in MODEL_INFO_FIELDS]
-    for key, kind in MODEL_INFO_FIELDS.items():
+def build_corruptions_info(card: ModelCard, *, dataset: str, architecture: str,
+                           figures: Optional[CorruptionFigures]) -> dict[str, Any]:
+    """The corruptions board's model_info (``corruptions_acc``: the mean over 15 x 5 pairs)."""
+    measured = pct(figures.corruptions) if figures else None
+    info: dict[str, Any] = {
+        "link": card.link, "name": card.name, "authors": card.authors,
+        "additional_data": bool(card.additional_data), "number_forward_passes": int(card.number_forward_passes),
+        "dataset": dataset, "venue": card.venue, "architecture": architecture, "eps": None,
+        "clean_acc": pct(figures.clean) if figures else None,
+        "reported": f"{card.reported:.2f}" if card.reported is not None else measured, "corruptions_acc": measured}
+    if card.footnote:
+        info["footnote"] = card.footnote
+    return info
+
+
+def validate_model_info(info: Mapping[str, Any], *, evaluated: bool = True, board: str = "Linf") -> list[str]:
+    """Problems of a model_info dict against RobustBench's fields and types for ``board`` (empty when valid)."""
+    fields = board_fields(board)
+    problems = [f"unknown field {k!r}" for k in info if k not in fields]
+    for key, kind in fields.items():
         if key not in info:
             if not kind.endswith("?"):
                 problems.append(f"missing field {key!r}")
@@ -126,6 +130,8 @@ def validate_model_info(info: Mapping[str, Any], *, evaluated: bool = True) -> l
                 problems.append(f"{key} must be a percentage string like '39.18', got {value!r}")
         elif kind in ("str", "str?") and not isinstance(value, str):
             problems.append(f"{key} must be a string, got {value!r}")
+        elif kind == "null" and value is not None:
+            problems.append(f"{key} must be null on the {board} board, got {value!r}")
         elif kind == "bool" and not isinstance(value, bool):
             problems.append(f"{key} must be true or false, got {value!r}")
         elif kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

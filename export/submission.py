@@ -5,20 +5,26 @@ From a trained model :func:`export` writes what a RobustBench submission consist
 * the weights as a plain state dict that RobustBench's own architecture class loads with
   ``strict=True`` (``wide_resnet.WideResNet``, ``dm_wide_resnet.DMWideResNet``,
   ``resnet.PreActResNet``), as ``.pt`` or ``.safetensors``, checked by comparing logits;
-* the model-zoo entry to paste into ``robustbench/model_zoo/<dataset>.py`` (the constructor call);
-* ``model_info`` JSON in the format of RobustBench's ``model_info/<dataset>/<threat>/<name>.json``;
-* a claim: ``robustbench.eval.benchmark`` run on the exported file itself, offline.
+* the model-zoo entry to paste into ``robustbench/model_zoo/<dataset>.py`` (the constructor call),
+  once per board (``linf``, ``l2``, ``common_corruptions`` lists);
+* ``model_info`` JSON in the format of RobustBench's ``model_info/<dataset>/<board>/<name>.json``,
+  one per board that the evaluation has results for (Linf, L2, corruptions), each filled from that
+  board's own part of the report;
+* a claim: ``robustbench.eval.benchmark`` run on the exported file itself, offline, for each board.
 
-The layout mirrors RobustBench's repository: ``OUT/models/<dataset>/<threat>/<name>.pt`` and
-``OUT/model_info/<dataset>/<threat>/<name>.json``, next to ``zoo_entry.py`` and ``export.json``.
+The layout mirrors RobustBench's repository: ``OUT/models/<dataset>/<board>/<name>.pt`` (one file,
+hard-linked into each board's folder) and ``OUT/model_info/<dataset>/<board>/<name>.json``, next to
+``zoo_entry.py``, ``export.json`` and ``claim.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -26,32 +32,30 @@ from checkpoints.run import default_out_dir
 from core.device import module_device, resolve_device
 from core.files import atomic_write_text
 from core.provenance import now_iso
-from core.threat import NORMS, eps_text, parse_eps
+from core.threat import eps_text, parse_eps
 from errors import UserError
 
 from .arch import RobustBenchArch, robustbench_arch, zoo_entry_source
-from .claim import FULL_TEST_SET, RB_DATASETS, claim_data_root, run_claim
-from .model_info import (
+from .boards import (
+    CORRUPTIONS_BOARD,
+    THREAT_MODELS,
+    BoardFigures,
+    CorruptionFigures,
     Figures,
+)
+from .claim import FULL_TEST_SET, RB_DATASETS, claim_corruptions_root, claim_data_root, run_claim
+from .model_info import (
     ModelCard,
+    build_corruptions_info,
     build_model_info,
-    check_report_model,
-    figures_from_report,
     pct,
     validate_model_info,
 )
-from .weights import (
-    LOGIT_TOLERANCE,
-    file_sha256,
-    robustbench_state_dict,
-    save_weights,
-    verify_export,
-)
+from .planning import BoardPlan, plan_boards
+from .weights import LOGIT_TOLERANCE, file_sha256, robustbench_state_dict, save_weights, verify_export
 
 FORMATS = ("pt", "safetensors")
 WEIGHT_CHOICES = ("avg", "raw", "last", "best")
-THREAT_MODELS = NORMS
-STANDARD_EPS = {"Linf": 8 / 255, "L2": 0.5}
 
 
 @dataclass
@@ -65,9 +69,9 @@ class ExportRequest:
     arch: Optional[str] = None
     dataset: Optional[str] = None
     model_name: Optional[str] = None
-    eval_json: Optional[str] = None
+    eval_json: Union[None, str, Sequence[str]] = None  # one or more report.json files
     allow_unevaluated: bool = False
-    norm: Optional[str] = None
+    norm: Optional[str] = None  # one board only; default: every board the reports have results for
     eps: Optional[float] = None
     fmt: str = "pt"
     card: ModelCard = field(default_factory=ModelCard)
@@ -80,8 +84,23 @@ class ExportRequest:
 
 
 @dataclass
+class BoardExport:
+    """What was written for one board."""
+
+    board: str
+    eps: Optional[float]
+    model_info_path: Path
+    model_info: dict[str, Any]
+    weights: Path
+    claim: Optional[dict[str, Any]] = None
+
+
+@dataclass
 class ExportResult:
-    """Paths written, the verification figure, the model_info written and notes for the user."""
+    """Paths written, the verification figure, the model_info of each board and notes for the user.
+
+    ``model_info`` / ``model_info_path`` / ``claim`` are the first board's (``boards`` has them all).
+    """
 
     out: Path
     weights: Path
@@ -93,6 +112,7 @@ class ExportResult:
     model_info: dict[str, Any]
     claim: Optional[dict[str, Any]]
     notes: list[str]
+    boards: dict[str, BoardExport] = field(default_factory=dict)
 
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -120,12 +140,10 @@ class _Plan:
     arch: RobustBenchArch
     config: dict[str, Any]
     dataset: str
-    norm: str
-    eps: float
-    evaluated: Optional[Figures]
-    claim_data: Optional[tuple[Path, int]]
+    boards: list[BoardPlan]
     name: str
     out: Path
+    notes: list[str]
 
 
 def export(req: ExportRequest) -> ExportResult:
@@ -136,29 +154,52 @@ def export(req: ExportRequest) -> ExportResult:
     """
     plan = _plan(req)
     out, name, arch = plan.out, plan.name, plan.arch
-    weights = out / "models" / plan.dataset / plan.norm / f"{name}.{req.fmt}"
+    weights = out / "models" / plan.dataset / plan.boards[0].board / f"{name}.{req.fmt}"
     save_weights(robustbench_state_dict(plan.model), weights, metadata={
         "format": "robustbench-state-dict", "constructor": arch.call_source(), "dataset": plan.dataset})
     diff = verify_export(plan.model, arch, weights, n=req.verify_n)
     zoo_entry = out / "zoo_entry.py"
-    atomic_write_text(zoo_entry, zoo_entry_source(name, arch, plan.dataset, plan.norm))
-    claim = claim_path = None
-    if plan.claim_data is not None:
-        root, size = plan.claim_data
-        claim = {"model_name": name, **run_claim(
-            arch, weights, dataset=plan.dataset, data_root=root, norm=plan.norm, eps=plan.eps,
-            n_examples=min(req.claim_n, size), batch_size=req.batch_size, device=module_device(plan.model),
-            work_dir=out)}
+    atomic_write_text(zoo_entry, zoo_entry_source(name, arch, plan.dataset, [b.board for b in plan.boards]))
+    done = {b.board: _export_board(req, plan, b, weights, first=i == 0) for i, b in enumerate(plan.boards)}
+    claims = {k: v.claim for k, v in done.items() if v.claim is not None}
+    claim_path = None
+    if claims:
         claim_path = out / "claim.json"
-        atomic_write_text(claim_path, json.dumps(claim, indent=2) + "\n")
-    figures = _claim_figures(claim, plan.eps, plan.norm, claim_path) if claim else plan.evaluated
-    model_info = _model_info(req.card, plan.dataset, arch, plan.eps, plan.norm, figures)
-    info_path = out / "model_info" / plan.dataset / plan.norm / f"{name}.json"
-    atomic_write_text(info_path, json.dumps(model_info, indent=2) + "\n")
-    notes = _notes(req, plan.dataset, plan.config, plan.evaluated, claim)
+        atomic_write_text(claim_path, json.dumps({"model_name": name, "boards": claims}, indent=2) + "\n")
+    notes = plan.notes + _notes(req, plan, claims)
     record = out / "export.json"
-    atomic_write_text(record, json.dumps(_record(req, plan, weights, diff, claim, notes), indent=2, default=str) + "\n")
-    return ExportResult(out, weights, info_path, zoo_entry, record, claim_path, diff, model_info, claim, notes)
+    atomic_write_text(record, json.dumps(_record(req, plan, weights, diff, done, notes), indent=2, default=str) + "\n")
+    first = done[plan.boards[0].board]
+    return ExportResult(out, weights, first.model_info_path, zoo_entry, record, claim_path, diff, first.model_info,
+                        first.claim, notes, done)
+
+
+def _export_board(req: ExportRequest, plan: _Plan, board: BoardPlan, weights: Path, first: bool) -> BoardExport:
+    """The board's weights path (a hard link to the one file), claim and model_info."""
+    path = plan.out / "models" / plan.dataset / board.board / weights.name
+    if path != weights:
+        _link(weights, path)
+    claim = None
+    if board.claim_data is not None:
+        root, size = board.claim_data
+        claim = run_claim(plan.arch, weights, dataset=plan.dataset, data_root=root, norm=board.board, eps=board.eps,
+                          n_examples=min(req.claim_n, size), batch_size=req.batch_size,
+                          device=module_device(plan.model), work_dir=plan.out, corruptions_root=board.corruptions_root)
+    figures = _claim_figures(claim, board) if claim else board.evaluated
+    card = req.card if first else dataclasses.replace(req.card, reported=None)  # --reported: the first board's
+    model_info = _model_info(card, plan.dataset, plan.arch, board, figures)
+    info_path = plan.out / "model_info" / plan.dataset / board.board / f"{plan.name}.json"
+    atomic_write_text(info_path, json.dumps(model_info, indent=2) + "\n")
+    return BoardExport(board.board, board.eps, info_path, model_info, path, claim)
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(source, target)
 
 
 def _plan(req: ExportRequest) -> _Plan:
@@ -169,13 +210,16 @@ def _plan(req: ExportRequest) -> _Plan:
     dataset = req.dataset or info.get("dataset") or config.get("dataset")
     if dataset is None:
         raise UserError("cannot tell which dataset this model was trained on: pass --dataset")
-    norm, eps = _threat_model(req, config)
-    evaluated = _evaluation(req, info, dataset, norm, eps)
-    claim_data = claim_data_root(dataset, req.data_dir or config.get("data_dir") or "./datasets") if req.claim \
-        else None
-    return _Plan(model, dict(info), arch, config, dataset, norm, eps, evaluated, claim_data,
-                 req.model_name or default_model_name(req.source),
-                 Path(req.out) if req.out else default_out(req.source))
+    notes: list[str] = []
+    boards = plan_boards(req, info, config, dataset, notes)
+    data_dir = req.data_dir or config.get("data_dir") or "./datasets"
+    if req.claim:
+        for board in boards:
+            board.claim_data = claim_data_root(dataset, data_dir)
+            if board.board == CORRUPTIONS_BOARD:
+                board.corruptions_root = claim_corruptions_root(dataset, data_dir)
+    return _Plan(model, dict(info), arch, config, dataset, boards, req.model_name or default_model_name(req.source),
+                 Path(req.out) if req.out else default_out(req.source), notes)
 
 
 def _check_request(req: ExportRequest) -> None:
@@ -184,7 +228,9 @@ def _check_request(req: ExportRequest) -> None:
     if req.weights not in WEIGHT_CHOICES:
         raise UserError(f"--weights {req.weights!r} is not one of: {', '.join(WEIGHT_CHOICES)}")
     if req.norm is not None and req.norm not in THREAT_MODELS:
-        raise UserError(f"--norm {req.norm!r} is not one of: {', '.join(THREAT_MODELS)}")
+        raise UserError(f"--norm {req.norm!r} is not one of RobustBench's boards: {', '.join(THREAT_MODELS)}")
+    if req.norm == CORRUPTIONS_BOARD and req.eps is not None:
+        raise UserError("--eps has no meaning for the corruptions board: drop it")
     if req.model_name is not None and (not req.model_name or set(req.model_name) - _NAME_CHARS):
         raise UserError(f"--model-name {req.model_name!r} may only use letters, digits, '_', '-' and '.' "
                         "(RobustBench names look like Author2024Title_WRN-34-10)")
@@ -214,76 +260,83 @@ def _load_for_export(req: ExportRequest) -> tuple[nn.Module, dict[str, Any]]:
                       num_classes=num_classes, device=resolve_device(req.device))
 
 
-def _threat_model(req: ExportRequest, config: Mapping[str, Any]) -> tuple[str, float]:
-    """``--norm``/``--eps``, else the training run's, else RobustBench's standard (8/255, 0.5)."""
-    norm = req.norm or config.get("norm") or "Linf"
-    if req.eps is not None:
-        return norm, float(req.eps)
-    if config.get("eps") is not None and config.get("norm", "Linf") == norm:
-        return norm, parse_eps(config["eps"])
-    return norm, STANDARD_EPS[norm]
+def _claim_figures(claim: Mapping[str, Any], board: BoardPlan) -> BoardFigures:
+    if board.board == CORRUPTIONS_BOARD:
+        return CorruptionFigures(clean=claim["clean_accuracy"], corruptions=claim["corruptions_accuracy"],
+                                 n=claim["n_examples"], source="claim")
+    return Figures(clean=claim["clean_accuracy"], autoattack=claim["autoattack_accuracy"], n=claim["n_examples"],
+                   eps=float(board.eps or 0.0), norm=board.board, source="claim")
 
 
-def _evaluation(req: ExportRequest, info: Mapping[str, Any], dataset: str, norm: str,
-                eps: float) -> Optional[Figures]:
-    from evaluation.report import read_report
-
-    path = Path(req.eval_json) if req.eval_json else default_out_dir(req.source, "eval") / "report.json"
-    if not path.is_file():
-        if req.eval_json:
-            raise UserError(f"--eval-json {path} does not exist: pass the report.json of eval_autoattack.py")
-        if req.allow_unevaluated or req.claim:
-            return None
-        raise UserError(f"no evaluation found at {path}: run eval_autoattack.py {req.source} --attacks aa first "
-                        "(or pass --eval-json REPORT, --claim, or --allow-unevaluated)")
-    report = read_report(path)
-    check_report_model(report, info)
-    return figures_from_report(report, dataset=dataset, norm=norm, eps=eps)
-
-
-def _claim_figures(claim: Mapping[str, Any], eps: float, norm: str, path: Optional[Path]) -> Figures:
-    return Figures(clean=claim["clean_accuracy"], autoattack=claim["autoattack_accuracy"],
-                   n=claim["n_examples"], eps=eps, norm=norm, source=str(path))
-
-
-def _model_info(card: ModelCard, dataset: str, arch: RobustBenchArch, eps: float, norm: str,
-                figures: Optional[Figures]) -> dict[str, Any]:
-    model_info = build_model_info(card, dataset=dataset, architecture=arch.display, eps=eps, norm=norm,
-                                  figures=figures)
-    problems = validate_model_info(model_info, evaluated=figures is not None)
+def _model_info(card: ModelCard, dataset: str, arch: RobustBenchArch, board: BoardPlan,
+                figures: Optional[BoardFigures]) -> dict[str, Any]:
+    if board.board == CORRUPTIONS_BOARD:
+        assert figures is None or isinstance(figures, CorruptionFigures)
+        model_info = build_corruptions_info(card, dataset=dataset, architecture=arch.display, figures=figures)
+    else:
+        assert (figures is None or isinstance(figures, Figures)) and board.eps is not None
+        model_info = build_model_info(card, dataset=dataset, architecture=arch.display, eps=board.eps,
+                                      norm=board.board, figures=figures)
+    problems = validate_model_info(model_info, evaluated=figures is not None, board=board.board)
     if problems:
         raise UserError(f"model_info would be invalid: {'; '.join(problems)}")
     return model_info
 
 
-def _notes(req: ExportRequest, dataset: str, config: Mapping[str, Any], evaluated: Optional[Figures],
-           claim: Optional[Mapping[str, Any]]) -> list[str]:
-    notes = []
+def _figure_line(figures: BoardFigures) -> str:
+    if isinstance(figures, CorruptionFigures):
+        return f"clean {pct(figures.clean)}%, corruptions {pct(figures.corruptions)}% (n={figures.n} per pair)"
+    return f"clean {pct(figures.clean)}%, AA {pct(figures.autoattack)}% (n={figures.n})"
+
+
+def _notes(req: ExportRequest, plan: _Plan, claims: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    notes, dataset = [], plan.dataset
     if dataset not in RB_DATASETS:
         notes.append(f"RobustBench has no {dataset} leaderboard: the model_info is for reference only")
-    figures_n = claim["n_examples"] if claim else (evaluated.n if evaluated else None)
-    if figures_n is None:
-        notes.append("model_info has no accuracies (unevaluated): run eval_autoattack.py or --claim before submitting")
-    elif figures_n < FULL_TEST_SET and dataset in RB_DATASETS:
-        notes.append(f"accuracies come from {figures_n} test points; RobustBench reports all {FULL_TEST_SET}: "
-                     "evaluate without --n-ex (or --claim with the default --claim-n) before submitting")
-    if claim and evaluated:
-        notes.append(f"claim (RobustBench, n={claim['n_examples']}): clean {claim['clean_acc']}%, AA "
-                     f"{claim['autoattack_acc']}%; eval_autoattack (n={evaluated.n}): clean {pct(evaluated.clean)}%, "
-                     f"AA {pct(evaluated.autoattack)}%; model_info uses the claim")
+    for board in plan.boards:
+        claim, evaluated = claims.get(board.board), board.evaluated
+        figures_n = claim["n_examples"] if claim else (evaluated.n if evaluated else None)
+        full = FULL_TEST_SET  # test images for Linf / L2, images per (corruption, severity) for corruptions
+        if figures_n is None:
+            notes.append(f"{board.board} model_info has no accuracies (unevaluated): run eval_autoattack.py or "
+                         "--claim before submitting")
+        elif figures_n < full and dataset in RB_DATASETS:
+            notes.append(f"{board.board} accuracies come from {figures_n} images; RobustBench uses all {full}"
+                         + (" per corruption and severity" if board.board == CORRUPTIONS_BOARD else "")
+                         + ": evaluate without --n-ex (or --claim with the default --claim-n) before submitting")
+        if claim and evaluated:
+            notes.append(f"{board.board} claim (RobustBench, n={claim['n_examples']}): "
+                         f"{_figure_line(_claim_figures(claim, board))}; eval_autoattack: {_figure_line(evaluated)}; "
+                         "model_info uses the claim")
     missing = req.card.missing()
     if missing:
         notes.append(f"model_info fields left empty: {', '.join(missing)} (pass --{' --'.join(missing)})")
-    if config.get("generated") and not req.card.footnote:
+    if plan.config.get("generated") and not req.card.footnote:
         notes.append("the run trained on generated data: say so with --footnote, e.g. \"It uses additional "
                      "50M synthetic images in training.\"")
+    if any(b.board == CORRUPTIONS_BOARD for b in plan.boards) and plan.config.get("norm") and not req.card.footnote:
+        eps = plan.config.get("eps")
+        text = f" with eps {eps_text(parse_eps(eps, plan.config['norm']), plan.config['norm'])}" if eps else ""
+        notes.append(f"the corruptions board shows how a model was trained: e.g. --footnote \"Trained for "
+                     f"{plan.config['norm']} robustness{text}.\"")
     return notes
 
 
-def _record(req: ExportRequest, plan: _Plan, weights: Path, diff: float,
-            claim: Optional[Mapping[str, Any]], notes: list[str]) -> dict[str, Any]:
+def _record(req: ExportRequest, plan: _Plan, weights: Path, diff: float, done: Mapping[str, BoardExport],
+            notes: list[str]) -> dict[str, Any]:
     """Provenance of the export: what was taken from where, and how it was checked."""
-    info, evaluated = plan.info, plan.evaluated
+    info = plan.info
+    boards = {}
+    for board in plan.boards:
+        evaluated, claim = board.evaluated, done[board.board].claim
+        boards[board.board] = {
+            "eps": None if board.eps is None else eps_text(board.eps, board.board),
+            "model_info": str(done[board.board].model_info_path), "weights_file": str(done[board.board].weights),
+            "evaluation": None if evaluated is None else {"report": evaluated.source, **_figure_dict(evaluated)},
+            "claim": None if claim is None else {k: v for k, v in claim.items()
+                                                 if k in ("n_examples", "clean_accuracy", "autoattack_accuracy",
+                                                          "corruptions_accuracy")},
+            "model_info_figures": "claim" if claim else ("evaluation" if evaluated else None)}
     return {"created": now_iso(), "model_name": plan.name, "source": req.source, "checkpoint": info.get("path"),
             "weights_kind": info.get("weights"), "weights_choice": req.weights, "arch": info.get("arch"),
             "epoch": info.get("epoch"), "global_step": info.get("global_step"),
@@ -291,10 +344,10 @@ def _record(req: ExportRequest, plan: _Plan, weights: Path, diff: float,
             "weights_sha256": file_sha256(weights),
             "verification": {"max_abs_logit_diff": diff, "tolerance": LOGIT_TOLERANCE, "inputs": req.verify_n,
                              "strict_load": True, "dtype": "float32"},
-            "dataset": plan.dataset, "threat_model": plan.norm, "eps": eps_text(plan.eps, plan.norm),
-            "evaluation": None if evaluated is None else {
-                "report": evaluated.source, "n": evaluated.n, "clean_accuracy": evaluated.clean,
-                "autoattack_accuracy": evaluated.autoattack},
-            "claim": None if claim is None else {k: claim[k] for k in ("n_examples", "clean_accuracy",
-                                                                       "autoattack_accuracy")},
-            "model_info_figures": "claim" if claim else ("evaluation" if evaluated else None), "notes": notes}
+            "dataset": plan.dataset, "boards": boards, "notes": notes}
+
+
+def _figure_dict(figures: BoardFigures) -> dict[str, Any]:
+    if isinstance(figures, CorruptionFigures):
+        return {"n_per_pair": figures.n, "clean_accuracy": figures.clean, "corruptions_accuracy": figures.corruptions}
+    return {"n": figures.n, "clean_accuracy": figures.clean, "autoattack_accuracy": figures.autoattack}

@@ -293,7 +293,7 @@ def test_claim_end_to_end_offline(runs, fake_cifar_root, tmp_path, monkeypatch, 
     assert export_robustbench.main([str(run), *data, "--claim", "--out", str(out), "--batch-size", "20"]) == 0
     capsys.readouterr()
 
-    claim = json.loads((out / "claim.json").read_text())
+    claim = json.loads((out / "claim.json").read_text())["boards"]["Linf"]
     from torchvision.datasets import CIFAR10
 
     test = CIFAR10(str(fake_cifar_root), train=False)
@@ -306,4 +306,4 @@ def test_claim_end_to_end_offline(runs, fake_cifar_root, tmp_path, monkeypatch, 
     assert claim["eps"] == "64/255" and "robust accuracy" in Path(claim["autoattack_log"]).read_text()
     info = json.loads((out / "model_info" / "cifar10" / "Linf" / f"{run.name}.json").read_text())
     assert (info["clean_acc"], info["autoattack_acc"]) == (claim["clean_acc"], claim["autoattack_acc"])
-    assert json.loads((out / "export.json").read_text())["model_info_figures"] == "claim"
+    assert json.loads((out / "export.json").read_text())["boards"]["Linf"]["model_info_figures"] == "claim"
