@@ -11,17 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cifar_fixture import fake_cifar_root  # noqa: F401  (fixture)
+from corruptions_fixture import write_fake_cifar_c
+from test_eval_cli import run_dir  # noqa: F401  (fixture)
+from test_robustbench_export import _make_run
 
 import eval_autoattack
 import export as rbx
 import export_robustbench
-from cifar_fixture import fake_cifar_root  # noqa: F401  (fixture)
-from corruptions_fixture import write_fake_cifar_c
 from data.corruptions import CORRUPTIONS, SEVERITIES
 from evaluation.compare import comparison_table
 from evaluation.report import read_report
-from test_eval_cli import run_dir  # noqa: F401  (fixture)
-from test_robustbench_export import _make_run
 
 CARD = ["--name", "GKL", "--authors", "A, B", "--venue", "TPAMI", "--link", "https://example.org/paper"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from corruptions_fixture import ConstantModel, DecodingModel, write_fake_cifar_c
+
 from data.corruptions import CORRUPTIONS, FOLDERS, SOURCES, CorruptedCifar
 from errors import UserError
 from evaluation.corruptions import CorruptionSection, CorruptionSettings, run_corruptions
