@@ -24,7 +24,7 @@ class AWP:
         self.proxy_opt = torch.optim.SGD(proxy.parameters(), lr=lr)
         self._names = [n for n, p in model.named_parameters() if p.ndim > 1]
         self._diff: list[torch.Tensor] | None = None
-        self._backup: list[torch.Tensor] | None = None
+        self._backup: list[torch.Tensor] = []  # reused every step (refilled in place)
 
     def _weights(self, module: nn.Module) -> list[torch.Tensor]:
         params = dict(module.named_parameters())
@@ -51,10 +51,20 @@ class AWP:
             delta = torch._foreach_sub(wp, w)
             w_norm = torch._foreach_norm(w)
             d_norm = torch._foreach_norm(delta)
-            scale = torch._foreach_div(w_norm, torch._foreach_add(d_norm, 1e-20))
-            self._diff = torch._foreach_mul(delta, scale)
-            self._backup = [t.clone() for t in w]
+            torch._foreach_add_(d_norm, 1e-20)
+            scale = torch._foreach_div(w_norm, d_norm)
+            torch._foreach_mul_(delta, scale)
+            self._diff = delta
+            self._save_backup(w)
             torch._foreach_add_(w, self._diff, alpha=self.gamma)
+
+    def _save_backup(self, w: list[torch.Tensor]) -> None:
+        """Copy ``w`` into the persistent backup (allocated again only if shapes or dtypes changed)."""
+        if len(self._backup) != len(w) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
+                                              for b, t in zip(self._backup, w)):
+            self._backup = [t.clone() for t in w]
+        else:
+            torch._foreach_copy_(self._backup, w)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -67,9 +77,9 @@ class AWP:
             return
         w = self._weights(self.model)
         perturbed = torch._foreach_add(self._backup, self._diff, alpha=self.gamma)
-        update = torch._foreach_sub(w, perturbed)
-        torch._foreach_copy_(w, torch._foreach_add(self._backup, update))
-        self._diff = self._backup = None
+        torch._foreach_sub_(perturbed, w)  # -(update)
+        torch._foreach_copy_(w, torch._foreach_sub(self._backup, perturbed))
+        self._diff = None
 
     @property
     def active(self) -> bool:
