@@ -22,13 +22,12 @@ class AWP:
     def __init__(self, model: nn.Module, proxy: nn.Module, lr: float, gamma: float = 0.005) -> None:
         self.model, self.proxy, self.gamma = model, proxy, gamma
         self.proxy_opt = torch.optim.SGD(proxy.parameters(), lr=lr)
-        self._names = [n for n, p in model.named_parameters() if p.ndim > 1]
+        names = [n for n, p in model.named_parameters() if p.ndim > 1]
+        # The Parameter objects outlive dtype/device moves and state-dict loads (they are filled in place).
+        self._w = [dict(model.named_parameters())[n] for n in names]
+        self._wp = [dict(proxy.named_parameters())[n] for n in names]
         self._diff: list[torch.Tensor] | None = None
         self._backup: list[torch.Tensor] = []  # reused every step (refilled in place)
-
-    def _weights(self, module: nn.Module) -> list[torch.Tensor]:
-        params = dict(module.named_parameters())
-        return [params[n] for n in self._names]
 
     @torch.no_grad()
     def _sync_proxy(self) -> None:
@@ -47,7 +46,7 @@ class AWP:
         loss.backward()
         self.proxy_opt.step()
         with torch.no_grad():
-            w, wp = self._weights(self.model), self._weights(self.proxy)
+            w, wp = self._w, self._wp
             delta = torch._foreach_sub(wp, w)
             w_norm = torch._foreach_norm(w)
             d_norm = torch._foreach_norm(delta)
@@ -75,7 +74,7 @@ class AWP:
         """
         if self._diff is None:
             return
-        w = self._weights(self.model)
+        w = self._w
         perturbed = torch._foreach_add(self._backup, self._diff, alpha=self.gamma)
         torch._foreach_sub_(perturbed, w)  # -(update)
         torch._foreach_copy_(w, torch._foreach_sub(self._backup, perturbed))
