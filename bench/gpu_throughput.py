@@ -41,21 +41,45 @@ VARIANTS = {
     "tf32": dict(amp="off", channels_last=False, compile=False, tf32=True),
     "bf16-cl": dict(amp="bf16", channels_last=True, compile=False, tf32=True),
     "bf16-cl-compile": dict(amp="bf16", channels_last=True, compile=True, tf32=True),
+    "bf16-cl-compile-graphs": dict(amp="bf16", channels_last=True, compile=True, tf32=True,
+                                   compile_mode="reduce-overhead"),
 }
 
 
-def make_step(args: argparse.Namespace, variant: dict):
-    """``step(x, y)`` of a fresh model for ``variant`` (see ``bench.train_step.synthetic_step``)."""
-    cfg = TrainConfig(dataset="cifar100", arch=args.arch, batch_size=args.batch, loss="gkl", eps=8 / 255,
+def variant_config(args: argparse.Namespace, variant: dict) -> TrainConfig:
+    return TrainConfig(dataset="cifar100", arch=args.arch, batch_size=args.batch, loss="gkl", eps=8 / 255,
                       attack_budget="fixed", attack_steps=args.steps_k, attack_step_size=2 / 255,
                       awp_gamma=0.005, awp_warmup=0, averaging="epoch-ema", device="cuda",
                       amp=variant["amp"], channels_last=variant["channels_last"],
-                      compile=variant["compile"]).validate()
+                      compile=variant["compile"], compile_mode=variant.get("compile_mode", "default")).validate()
+
+
+def make_step(args: argparse.Namespace, variant: dict, seed: int = 0):
+    """``step(x, y)`` of a fresh model for ``variant`` (see ``bench.train_step.synthetic_step``)."""
+    cfg = variant_config(args, variant)
+    torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = variant["tf32"]
     torch.backends.cudnn.allow_tf32 = variant["tf32"]
     torch.backends.cudnn.benchmark = True
-    _, step = synthetic_step(cfg, torch.device("cuda"))
+    m, step = synthetic_step(cfg, torch.device("cuda"))
+    step.modules = m
     return step
+
+
+def weight_agreement(args: argparse.Namespace, steps: int) -> float:
+    """Largest relative weight difference after ``steps`` steps: fp32 eager vs fp32 compiled with CUDA graphs."""
+    fast = dict(VARIANTS["fp32"], compile=True, compile_mode="reduce-overhead")
+    weights = []
+    for variant in (VARIANTS["fp32"], fast):
+        step = make_step(args, variant)
+        x, y = batch_for(args, variant)
+        torch.manual_seed(1)
+        for _ in range(steps):
+            step(x, y)
+        weights.append([p.detach().float().clone() for p in step.modules.model.parameters()])
+        del step
+        torch.cuda.empty_cache()
+    return max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item() for a, b in zip(*weights))
 
 
 def batch_for(args: argparse.Namespace, variant: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +161,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu_throughput.md"))
+    p.add_argument("--check-steps", type=int, default=20, help="steps of the fp32 eager vs compiled weight check (0: skip)")
+    p.add_argument("--profile", action="store_true", help="add the per-phase breakdown and the sync count (bf16-cl)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("python -m bench.gpu_throughput needs a CUDA device")
@@ -161,6 +187,18 @@ def main() -> None:
     if not rows:
         raise SystemExit("every variant failed")
     text = report(args, rows, flops, device, peaks)
+    if args.check_steps:
+        diff = weight_agreement(args, args.check_steps)
+        text += (f"\nfp32 eager vs fp32 compiled (reduce-overhead) after {args.check_steps} steps: largest relative "
+                 f"weight difference {diff:.2e} (target <= 1e-4: {'met' if diff <= 1e-4 else 'NOT met'}).\n")
+    if args.profile:
+        from bench.step_profile import profile, table
+
+        cfg = variant_config(args, VARIANTS["bf16-cl"])
+        phases, total, syncs = profile(cfg, torch.device("cuda"), args.steps, args.warmup)
+        text += ("\nPer-phase breakdown of the default CUDA path (bf16 + channels_last, eager), CUDA events:\n\n"
+                 + table(phases, total, args.batch)
+                 + f"\n\nHost-device syncs in one step: {len(syncs)} ({', '.join(syncs) or 'none'}).\n")
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,12 @@ class AWP:
     def __init__(self, model: nn.Module, proxy: nn.Module, lr: float, gamma: float = 0.005) -> None:
         self.model, self.proxy, self.gamma = model, proxy, gamma
         self.proxy_opt = torch.optim.SGD(proxy.parameters(), lr=lr)
-        self._names = [n for n, p in model.named_parameters() if p.ndim > 1]
+        names = [n for n, p in model.named_parameters() if p.ndim > 1]
+        # The Parameter objects outlive dtype/device moves and state-dict loads (they are filled in place).
+        self._w = [dict(model.named_parameters())[n] for n in names]
+        self._wp = [dict(proxy.named_parameters())[n] for n in names]
         self._diff: list[torch.Tensor] | None = None
-        self._backup: list[torch.Tensor] | None = None
-
-    def _weights(self, module: nn.Module) -> list[torch.Tensor]:
-        params = dict(module.named_parameters())
-        return [params[n] for n in self._names]
+        self._backup: list[torch.Tensor] = []  # reused every step (refilled in place)
 
     @torch.no_grad()
     def _sync_proxy(self) -> None:
@@ -47,14 +46,24 @@ class AWP:
         loss.backward()
         self.proxy_opt.step()
         with torch.no_grad():
-            w, wp = self._weights(self.model), self._weights(self.proxy)
+            w, wp = self._w, self._wp
             delta = torch._foreach_sub(wp, w)
             w_norm = torch._foreach_norm(w)
             d_norm = torch._foreach_norm(delta)
-            scale = torch._foreach_div(w_norm, torch._foreach_add(d_norm, 1e-20))
-            self._diff = torch._foreach_mul(delta, scale)
-            self._backup = [t.clone() for t in w]
+            torch._foreach_add_(d_norm, 1e-20)
+            scale = torch._foreach_div(w_norm, d_norm)
+            torch._foreach_mul_(delta, scale)
+            self._diff = delta
+            self._save_backup(w)
             torch._foreach_add_(w, self._diff, alpha=self.gamma)
+
+    def _save_backup(self, w: list[torch.Tensor]) -> None:
+        """Copy ``w`` into the persistent backup (allocated again only if shapes or dtypes changed)."""
+        if len(self._backup) != len(w) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
+                                              for b, t in zip(self._backup, w)):
+            self._backup = [t.clone() for t in w]
+        else:
+            torch._foreach_copy_(self._backup, w)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -65,11 +74,11 @@ class AWP:
         """
         if self._diff is None:
             return
-        w = self._weights(self.model)
+        w = self._w
         perturbed = torch._foreach_add(self._backup, self._diff, alpha=self.gamma)
-        update = torch._foreach_sub(w, perturbed)
-        torch._foreach_copy_(w, torch._foreach_add(self._backup, update))
-        self._diff = self._backup = None
+        torch._foreach_sub_(perturbed, w)  # -(update)
+        torch._foreach_copy_(w, torch._foreach_sub(self._backup, perturbed))
+        self._diff = None
 
     @property
     def active(self) -> bool:

@@ -27,6 +27,7 @@ LR_SCHEDULES = ("cosine-epoch", "cosine-step", "step", "constant")
 AVERAGING = ("epoch-ema", "step-ema", "none")
 WEIGHT_SOURCES = ("class", "sample", "uniform")
 AMP_MODES = ("auto", "bf16", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -92,6 +93,8 @@ class TrainConfig:
     amp: str = "auto"  # bf16 autocast on CUDA when auto
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays CUDA graphs
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace without code generation)
     deterministic: bool = False
     preset: Optional[str] = None
 
@@ -104,7 +107,7 @@ class TrainConfig:
         choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": tuple(MODELS), "loss": tuple(METHODS),
                    "eps_schedule": EPS_SCHEDULES, "attack_budget": ATTACK_BUDGETS,
                    "lr_schedule": LR_SCHEDULES, "averaging": AVERAGING, "weight_source": WEIGHT_SOURCES,
-                   "amp": AMP_MODES, "norm": NORMS}
+                   "amp": AMP_MODES, "norm": NORMS, "compile_mode": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "

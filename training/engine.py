@@ -12,7 +12,7 @@ import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -58,6 +58,7 @@ class StepModules:
     awp: Optional[AWP] = None
     proxy_loss: Optional[nn.Module] = None  # StepLoss of the AWP proxy
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None runs in the weights' dtype
+    phase: Callable[[str], ContextManager] = lambda name: nullcontext()  # a profiler's hook around each phase
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -97,12 +98,16 @@ def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1,
         module = StepLoss(net, spec, n_views)
         return dist_utils.ddp_wrap(module, device) if distributed else module
 
+    def compiled(net: nn.Module) -> nn.Module:
+        if not cfg.compile:
+            return net
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        return torch.compile(net, mode=mode, backend=cfg.compile_backend)
+
     # Compiled views share the plain modules' weights; they are made after every deepcopy above,
     # so the copies hold no reference to a compiled forward.
-    attack_model = torch.compile(model) if cfg.compile else model
-    proxy_loss = None
-    if awp is not None:
-        proxy_loss = loss_module(torch.compile(awp.proxy) if cfg.compile else awp.proxy)
+    attack_model = compiled(model)
+    proxy_loss = loss_module(compiled(awp.proxy)) if awp is not None else None
     return StepModules(model=model, attack_model=attack_model, train_loss=loss_module(attack_model),
                        optimizer=optimizer, bank=ScoreBank(num_classes, tau=cfg.tau, device=device),
                        averager=averager, spec=spec, num_classes=num_classes, norm=cfg.norm, n_views=n_views,
@@ -117,33 +122,40 @@ def training_step(m: StepModules, x: Tensor, y: Tensor, *, budget: AttackBudget,
     step -> AWP restore -> bank update -> per-step weight average. ``step`` is the 1-based global
     number of this step (the per-step EMA's warm-up counts it).
     """
-    spec, method = m.spec, m.spec.method
+    spec, method, phase = m.spec, m.spec.method, m.phase
     scores = scores_for(spec, m.bank, y, m.num_classes)
     x_adv = None
     with m.autocast():
         if method.attack is not None:
             logits_nat = None
             if method.attack_uses_nat:
-                with attack_mode(m.attack_model), torch.no_grad():
+                with phase("natural forward"), attack_mode(m.attack_model), torch.no_grad():
                     logits_nat = m.attack_model(x)
-            x_adv = pgd(m.attack_model, x, y, eps=budget.eps, step=budget.step_size, steps=budget.steps,
-                        norm=m.norm, objective=method.attack(spec, logits_nat, scores),
-                        random_start=method.random_start, check_range=False)
+            with phase("attack"):
+                x_adv = pgd(m.attack_model, x, y, eps=budget.eps, step=budget.step_size, steps=budget.steps,
+                            norm=m.norm, objective=method.attack(spec, logits_nat, scores),
+                            random_start=method.random_start, check_range=False)
         m.model.train()
         if m.awp is not None and awp_on:
-            m.awp.perturb(lambda _proxy: m.proxy_loss(x, x_adv, y, scores)[0])
-        loss, parts, o_nat, o_adv = m.train_loss(x, x_adv, y, scores)
+            with phase("awp perturb"):
+                m.awp.perturb(lambda _proxy: m.proxy_loss(x, x_adv, y, scores)[0])
+        with phase("training forward"):
+            loss, parts, o_nat, o_adv = m.train_loss(x, x_adv, y, scores)
     for group in m.optimizer.param_groups:
         group["lr"] = lr
-    m.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    m.optimizer.step()
-    if m.awp is not None:
-        m.awp.restore()
-    if o_nat is not None and spec.uses_bank:
-        b = y.shape[0] // m.n_views  # the basic view only
-        m.bank.update(o_nat[:b].detach(), y[:b])
-    m.averager.after_step(m.model, step)
+    with phase("training backward"):
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with phase("optimizer"):
+        m.optimizer.step()
+    with phase("awp restore"):
+        if m.awp is not None:
+            m.awp.restore()
+    with phase("bank + averaging"):
+        if o_nat is not None and spec.uses_bank:
+            b = y.shape[0] // m.n_views  # the basic view only
+            m.bank.update(o_nat[:b].detach(), y[:b])
+        m.averager.after_step(m.model, step)
     return step_sums(m.metric_names, loss, parts, o_nat, o_adv, y)
 
 
