@@ -79,7 +79,8 @@ def resolve(args: argparse.Namespace):
             what = ", ".join(f"--{b.replace('_', '-')}" for b in bad) or "--preset/--config"
             raise UserError(f"{what} cannot change on --resume (the run continues with its saved config); "
                             f"only {', '.join(sorted(RESUME_OVERRIDABLE))} may")
-        cfg = build_config(None, args, base=load_yaml(run_dir / "config.yaml"))
+        # Runs saved before the key existed dropped each epoch's last partial batch: they resume as they ran.
+        cfg = build_config(None, args, base={"drop_last": True, **load_yaml(run_dir / "config.yaml")})
         return cfg, run_dir, True
     if not args.preset and not args.config:
         raise UserError("no --preset given: try --preset quickstart (see --help for the list)")
@@ -183,10 +184,10 @@ def train(trainer, run_dir: Path) -> int:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     if rows and trainer.dist.is_main:
-        last = rows[-1]
-        print(f"done: {run_dir} | epoch {last['epoch']} val clean {last['val_clean']:.4f} "
-              f"pgd {last['val_pgd']:.4f}" + (f" | averaged clean {last['val_clean_avg']:.4f} "
-                                              f"pgd {last['val_pgd_avg']:.4f}" if "val_pgd_avg" in last else ""))
+        last, m = rows[-1], trainer.monitor  # val: held-out images; seen: training images (no held-out split)
+        print(f"done: {run_dir} | epoch {last['epoch']} {m} clean {last[f'{m}_clean']:.4f} "
+              f"pgd {last[f'{m}_pgd']:.4f}" + (f" | averaged clean {last[f'{m}_clean_avg']:.4f} "
+                                              f"pgd {last[f'{m}_pgd_avg']:.4f}" if f"{m}_pgd_avg" in last else ""))
     return 0
 
 
@@ -201,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_schedule:
         import pandas as pd
 
-        from training.schedules import schedule_table
+        from training.schedules import lr_formula, schedule_table
 
+        print(lr_formula(cfg))
         print(pd.DataFrame(schedule_table(cfg)).to_string(index=False))
         return 0
     if resuming:

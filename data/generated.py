@@ -35,7 +35,7 @@ from torch.utils.data import Dataset, Sampler
 from errors import UserError
 
 from .convert_generated import IMAGE_SHAPE, INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, LABEL_DTYPE
-from .sampler import epoch_seed
+from .sampler import epoch_seed, rank_part
 
 PathLike = Union[str, os.PathLike]
 _CONVERT_HINT = "convert the .npz files with `python data/convert_generated.py IN.npz OUT_DIR`"
@@ -208,13 +208,17 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
 
     Indices refer to ``ConcatDataset([real, generated])``: generated ones are offset by
     ``n_real``. Every global batch holds ``round(fraction * global_batch)`` generated images.
-    One epoch is ``steps_per_epoch`` batches, by default ``n_real // real_per_batch`` (one pass
-    over the real set, as in DM-AT). Same interface as ``EpochBatchSampler``: call
+    One epoch is ``steps_per_epoch`` batches, by default one pass over the real set:
+    ``n_real // real_per_batch`` full real parts, plus (unless ``drop_last``) a last step with the
+    remaining real images and the usual generated part. DM-AT's epoch is shorter:
+    ``ceil(50000 / global_batch)`` steps whatever the mix (pass ``steps_per_epoch``; such an epoch
+    draws full real parts only). Same interface as ``EpochBatchSampler``: call
     ``set_epoch(epoch, start_step)`` (epochs count from 1) before iterating.
     """
 
     def __init__(self, n_real: int, n_generated: int, global_batch: int, fraction: float, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, steps_per_epoch: Optional[int] = None) -> None:
+                 rank: int = 0, world_size: int = 1, steps_per_epoch: Optional[int] = None,
+                 drop_last: bool = True) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise UserError(f"--generated-fraction {fraction} must be between 0 and 1")
         if global_batch < 1 or global_batch % world_size:
@@ -227,6 +231,8 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.generated_per_batch = round(fraction * global_batch)
         self.real_per_batch = global_batch - self.generated_per_batch
         self._check_sizes(fraction)
+        keep_tail = not drop_last and steps_per_epoch is None and self.real_per_batch > 0
+        self._tail = n_real % self.real_per_batch if keep_tail else 0  # real images of the last step
         self._steps = self._default_steps() if steps_per_epoch is None else steps_per_epoch
         if self._steps < 1:
             raise UserError(f"steps per epoch {self._steps} must be at least 1")
@@ -242,7 +248,7 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def _default_steps(self) -> int:
         if self.real_per_batch:
-            return self.n_real // self.real_per_batch
+            return self.n_real // self.real_per_batch + (self._tail > 0)
         return max(1, self.n_generated // self.global_batch)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -260,8 +266,16 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return self._steps - self.start_step
 
+    def _real_count(self, step: int) -> int:
+        return self._tail if self._tail and step == self._steps - 1 else self.real_per_batch
+
+    def batch_size_of(self, step: int) -> int:
+        """Images in global batch ``step`` (0-based) of an epoch, summed over the ranks."""
+        return self._real_count(step) + self.generated_per_batch
+
     def _real_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Real part of every step of the epoch: consecutive permutations, tails dropped."""
+        """Real part of every step of the epoch: consecutive permutations, tails dropped (or, in a
+        one-pass epoch without ``drop_last``, the tail as the last step's real part)."""
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         per_pass = self.n_real // self.real_per_batch if self.real_per_batch else 0
         empty = torch.zeros(0, dtype=torch.int64)
@@ -274,6 +288,8 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
             for q in range(per_pass):
                 part = slice(q * self.real_per_batch, (q + 1) * self.real_per_batch)
                 yield perm[part], seeds[part]
+            if self._tail:
+                yield perm[self.n_real - self._tail:], seeds[self.n_real - self._tail:]
 
     def _generated(self, step: int, part: slice) -> tuple[list[int], list[int]]:
         """Indices and seeds at positions ``part`` of the generated part of ``step``.
@@ -292,22 +308,22 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
         seeds = _mix64(pos ^ np.uint64(_mix_int(~self.seed))) >> np.uint64(2)  # in [0, 2**62)
         return (idx + self.n_real).tolist(), seeds.tolist()
 
-    def _my_slices(self) -> tuple[slice, slice]:
-        """This rank's slices of the real and generated parts of a global batch.
+    def _my_slices(self, n_real: int) -> tuple[slice, slice]:
+        """This rank's slices of the real (``n_real`` images) and generated parts of a global batch.
 
-        Rank ``k`` gets ``r_k`` real and ``b - r_k`` generated images, with the real counts as
-        even across ranks as divisibility allows, so every rank sees nearly the same mix.
+        The real counts are as even across ranks as divisibility allows, the generated counts too
+        with their extra images on the last ranks, so on a full batch rank ``k`` gets ``r_k`` real
+        and ``global_batch / world_size - r_k`` generated images: every rank sees nearly the same mix.
         """
-        w, k, b = self.world_size, self.rank, self.global_batch // self.world_size
-        base, extra = divmod(self.real_per_batch, w)
-        r_start, r_len = k * base + min(k, extra), base + (k < extra)
-        g_start = k * b - r_start
-        return slice(r_start, r_start + r_len), slice(g_start, g_start + b - r_len)
+        w, k = self.world_size, self.rank
+        base, extra = divmod(self.generated_per_batch, w)
+        g_start = k * base + max(0, k - (w - extra))
+        return rank_part(n_real, k, w), slice(g_start, g_start + base + (k >= w - extra))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        mine_real, mine_gen = self._my_slices()
         real = itertools.islice(self._real_batches(), self.start_step, None)
         for step in range(self.start_step, self._steps):
             real_idx, real_seeds = next(real)
+            mine_real, mine_gen = self._my_slices(self._real_count(step))
             gen_idx, gen_seeds = self._generated(step, mine_gen)
             yield list(zip(real_idx[mine_real].tolist() + gen_idx, real_seeds[mine_real].tolist() + gen_seeds))

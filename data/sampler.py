@@ -1,9 +1,11 @@
 """Deterministic, resumable, world-size independent batch order.
 
 The order of an epoch is a permutation seeded by ``(seed, epoch)``; global batch ``s`` is the
-slice ``perm[s*B:(s+1)*B]`` and rank ``r`` of ``W`` takes the ``r``-th contiguous part of it. So
-the set of samples in each global step is the same for any world size with the same global
-batch, and a run resumed at step ``s`` of an epoch sees exactly the batches it would have seen.
+slice ``perm[s*B:(s+1)*B]`` and rank ``r`` of ``W`` takes the ``r``-th contiguous part of it (a
+last partial batch, kept unless ``drop_last``, is split as evenly as it goes: ranks differ by at
+most one image). So the set of samples in each global step is the same for any world size with the
+same global batch, and a run resumed at step ``s`` of an epoch sees exactly the batches it would
+have seen.
 Each index is paired with a per-sample seed so that random augmentation does not depend on the
 worker that loads it or on where the run was resumed (see ``SeededDataset``).
 """
@@ -19,6 +21,13 @@ _MIX = 0x9E3779B1  # odd constant to spread (seed, epoch) into distinct generato
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * _MIX + epoch * 1_000_003) % (2**62)
+
+
+def rank_part(n: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``n`` items split over ``world_size`` as evenly as possible."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -44,14 +53,17 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
 
+    def batch_size_of(self, step: int) -> int:
+        """Images in global batch ``step`` (0-based) of an epoch, summed over the ranks."""
+        return min(self.global_batch, self.n - step * self.global_batch)
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         sample_seeds = torch.randint(0, 2**62, (self.n,), generator=g)
         for s in range(self.start_step, self.steps_per_epoch):
             idx = perm[s * self.global_batch:(s + 1) * self.global_batch]
-            part = -(-len(idx) // self.world_size)
-            mine = slice(self.rank * part, (self.rank + 1) * part)
+            mine = rank_part(len(idx), self.rank, self.world_size)
             yield list(zip(idx[mine].tolist(), sample_seeds[s * self.global_batch:][mine].tolist()))
 
 

@@ -8,7 +8,9 @@ the test process runs the single-process references:
   3 steps, and a single process resumes its ``last.pt`` (2 -> 1);
 - ``nosync``: one epoch without sync-bn; the ranks' weights must stay identical;
 - ``resume12``: the 2 processes resume a checkpoint a single process wrote (1 -> 2);
-- ``stop``: SIGTERM reaches one rank only; both save and stop at the same step.
+- ``stop``: SIGTERM reaches one rank only; both save and stop at the same step;
+- ``partial``: one epoch of 51 images at batch 16 with gamma = 0.4 and the last batch kept: its
+  3 images split 2 / 1 over the ranks, whose losses DDP must not average with equal weights.
 
 The attacks' random start is drawn from each rank's RNG, so no two world sizes could match; the
 processes replace it by a deterministic function of the pixels. Two world sizes differ in the
@@ -49,9 +51,13 @@ def config(**kw) -> TrainConfig:
                 norm="L2", eps=0.5, attack_budget="fixed", attack_steps=1, attack_step_size=0.2,
                 epochs=2, batch_size=16, lr=0.005, awp_gamma=0.005, awp_warmup=1, averaging="epoch-ema",
                 avg_decay=0.5, val_size=1437 - 50, eval_subset=16, eval_pgd_steps=1, checkpoint_every_steps=4,
-                device="cpu", amp="off", augment="crop", sync_bn=True)
+                device="cpu", amp="off", augment="crop", sync_bn=True, drop_last=True)
     base.update(kw)
     return TrainConfig(**base).validate()
+
+
+# 51 images at batch 16: steps of 16, 16, 16 and 3 images; the last splits 2 / 1 over two ranks
+PARTIAL = dict(val_size=1437 - 51, drop_last=False, gamma=0.4, epochs=1, checkpoint_every_steps=0)
 
 
 def _fixed_start(x, radius, norm, kind, generator):
@@ -96,24 +102,30 @@ def _worker(rank: int, root: str, port: int) -> None:
     tr.train_one_epoch(1)
     accumulator = tr.bank.state_dict()["accumulator"]
     tr.bank.finish_epoch()
+    partial = Trainer(config(**PARTIAL), root_path / "partial", progress=False)
+    partial.train_one_epoch(1)
+    uneven = slice(0, 5) if rank == 0 else slice(5, 8)
     torch.save({"logs": logs, "params": [p.detach().clone() for p in tr.model.parameters()],
                 "accumulator": accumulator, "bank": tr.bank.bank, "stopped": _stop_one_rank(rank, root_path),
-                "gkl_grads": _gkl_logit_grads(slice(rank * 4, rank * 4 + 4))},
+                "gkl_grads": _gkl_logit_grads(slice(rank * 4, rank * 4 + 4)),
+                "gkl_grads_uneven": _gkl_logit_grads(uneven, share=(uneven.stop - uneven.start) * WORLD / 8),
+                "partial": {k: v.clone() for k, v in partial.model.state_dict().items()}},
                root_path / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def _gkl_logit_grads(rows: slice) -> tuple:
-    """Gradients of the robust term (gamma = 0.4, uneven bank rows) for logits ``rows`` of one batch of 8."""
+def _gkl_logit_grads(rows: slice, share: float = 1.0) -> tuple:
+    """Gradients of the robust term (gamma = 0.4, uneven bank rows) for logits ``rows`` of one batch of 8,
+    the loss scaled by ``share`` as the training step scales it."""
     from training.methods import LossSpec, gkl_term
 
     gen = torch.Generator().manual_seed(0)
     o_nat, o_adv = torch.randn(2, 8, 10, generator=gen).mul(3)
     scores = torch.softmax(torch.randn(8, 10, generator=gen) * 3, dim=1)
     o_nat, o_adv = o_nat[rows].requires_grad_(), o_adv[rows].requires_grad_()
-    spec = LossSpec("gkl", alpha=20.0, beta=4.0, gamma=0.4)
+    spec = LossSpec("gkl", alpha=20.0, beta=4.0, gamma=0.4, rank_share=share)
     loss, _ = gkl_term(spec, o_nat, o_adv, None, scores[rows])
-    return torch.autograd.grad(loss, (o_nat, o_adv))
+    return torch.autograd.grad(loss * share, (o_nat, o_adv))
 
 
 def _stop_one_rank(rank: int, root: Path) -> tuple:
@@ -159,6 +171,11 @@ def runs(tmp_path_factory):
     while not ctx.join():
         pass
     _run_single(root / "sync", logs["resume21"], None, resume=True)
+    with pytest.MonkeyPatch.context() as mpatch:
+        instrument([], None, mpatch)
+        partial = Trainer(config(**PARTIAL), root / "partial-single", progress=False)
+        partial.train_one_epoch(1)
+        logs["partial"] = partial.model.state_dict()
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return root, logs, ranks
 
@@ -230,6 +247,26 @@ def test_gkl_normaliser_is_the_global_batchs_weight_sum(runs):
     for i in range(2):  # d/d o_nat, d/d o_adv
         averaged = torch.cat([r["gkl_grads"][i] for r in ranks]) / WORLD
         assert torch.allclose(averaged, single[i], rtol=0, atol=1e-6), (averaged - single[i]).abs().max()
+
+
+def test_gkl_normaliser_with_an_uneven_split_is_still_the_global_one(runs):
+    """Ranks holding 5 and 3 of 8 rows: each scales its loss by its share (rows x world / 8); the
+    average of the scaled gradients equals one process only if the normaliser carries the share too."""
+    _, _, ranks = runs
+    single = _gkl_logit_grads(slice(0, 8))
+    for i in range(2):
+        averaged = torch.cat([r["gkl_grads_uneven"][i] for r in ranks]) / WORLD
+        assert torch.allclose(averaged, single[i], rtol=0, atol=1e-6), (averaged - single[i]).abs().max()
+
+
+def test_an_uneven_last_batch_trains_as_one_process_with_the_full_batch(runs):
+    """4 steps (the last of 3 images, 2 / 1 over the ranks), AWP on, gamma 0.4, sync-bn: the same weights
+    and BatchNorm buffers as one process (DDP alone would weigh the 1-image rank like the 2-image one)."""
+    _, logs, ranks = runs
+    one = logs["partial"]
+    for r in ranks:
+        for k, v in one.items():
+            assert torch.allclose(r["partial"][k].double(), v.double(), rtol=0, atol=1e-5), k
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs):

@@ -208,7 +208,7 @@ def test_resume_after_epoch_and_mid_epoch_is_bitwise_exact(tmp_path, monkeypatch
     cfg = tiny_config(epochs=2, checkpoint_every_steps=5, val_size=1200, eval_subset=32)
     Trainer(cfg, tmp_path / "full", progress=False).fit()
     full = _weights(tmp_path / "full")
-    steps_per_epoch = (1437 - 1200) // 32
+    steps_per_epoch = -(-(1437 - 1200) // 32)  # the last partial batch is kept (drop_last false)
 
     for crash_at in (steps_per_epoch + 1, steps_per_epoch + 5):  # just after epoch 1; mid-epoch 2 (after step ckpt)
         run = tmp_path / f"crash{crash_at}"

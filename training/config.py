@@ -23,11 +23,13 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 EPS_SCHEDULES = ("linear", "constant")
 ATTACK_BUDGETS = ("effective", "staged", "low", "fixed")
-LR_SCHEDULES = ("cosine-epoch", "cosine-step", "step", "constant")
+LR_SCHEDULES = ("cosine-epoch", "cosine-step", "cosine-trades", "onecycle", "step", "constant")
 AVERAGING = ("epoch-ema", "step-ema", "none")
 WEIGHT_SOURCES = ("class", "sample", "uniform")
 AMP_MODES = ("auto", "bf16", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AWP_PROXY_VIEWS = ("split", "joint")
+GENERATED_EPOCHS = ("real-pass", "dataset-size")
 
 
 @dataclass
@@ -42,10 +44,13 @@ class TrainConfig:
     aug_weight: float = 0.5  # weight of the AutoAugment view's robust loss
     generated: Optional[str] = None  # folder of generated-data shards (DM-AT)
     generated_fraction: float = 0.7
-    val_size: int = 1000  # training images held out for per-epoch metrics and `best`
+    generated_epoch: str = "real-pass"  # real-pass: one pass over the real images | dataset-size: DM-AT's epoch
+    val_size: int = 0  # training images held out for per-epoch metrics and `best` (0: none, train on all)
+    drop_last: bool = False  # drop each epoch's last partial batch (the released TRADES script does)
     # model
     arch: str = "wrn-34-10"
     sync_bn: bool = False
+    ghost_bn: int = 0  # images per BatchNorm call in a full batch of one process (DataParallel's per-GPU batch); 0: off
     # loss
     loss: str = "gkl"
     alpha: float = 20.0  # wMSE weight (paper's name)
@@ -54,6 +59,8 @@ class TrainConfig:
     tau: float = 4.0  # temperature of the class-wise score bank
     weight_source: str = "class"  # class (bank) | sample | uniform
     trades_beta: float = 6.0  # KL weight of the `trades` loss
+    attack_alpha: float = 1.0  # wMSE weight of the GKL-family training attack (paper's name)
+    attack_beta: float = 1.0  # soft-label CE weight of the GKL-family training attack (paper's name)
     label_smoothing: float = 0.0
     # attack used for training
     norm: str = "Linf"
@@ -65,6 +72,7 @@ class TrainConfig:
     # AWP
     awp_gamma: float = 0.005  # 0 disables AWP
     awp_warmup: int = 10  # first epoch with AWP
+    awp_proxy_views: str = "split"  # two-view proxy loss: split (as the training loss) | joint (one term, released)
     # optimisation
     epochs: int = 200
     batch_size: int = 128  # global batch
@@ -107,7 +115,8 @@ class TrainConfig:
         choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": tuple(MODELS), "loss": tuple(METHODS),
                    "eps_schedule": EPS_SCHEDULES, "attack_budget": ATTACK_BUDGETS,
                    "lr_schedule": LR_SCHEDULES, "averaging": AVERAGING, "weight_source": WEIGHT_SOURCES,
-                   "amp": AMP_MODES, "norm": NORMS, "compile_mode": COMPILE_MODES}
+                   "amp": AMP_MODES, "norm": NORMS, "compile_mode": COMPILE_MODES,
+                   "awp_proxy_views": AWP_PROXY_VIEWS, "generated_epoch": GENERATED_EPOCHS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "
@@ -119,6 +128,13 @@ class TrainConfig:
             raise UserError("--lr-schedule step needs --lr-milestones, e.g. --lr-milestones 75,90")
         if any(m < 1 for m in self.lr_milestones):
             raise UserError(f"--lr-milestones must be epochs >= 1, got {','.join(map(str, self.lr_milestones))}")
+        if self.attack_alpha == 0 and self.attack_beta == 0:
+            raise UserError("--attack-alpha and --attack-beta are both 0: the GKL attack would maximise nothing; "
+                            "set one of them > 0 (the released CIFAR-10 script: --attack-alpha 0 --attack-beta 1)")
+        if self.ghost_bn and self.sync_bn:
+            raise UserError(f"--ghost-bn {self.ghost_bn} and --sync-bn true contradict each other (BatchNorm over "
+                            "chunks of one process's batch vs over every process's batch): choose one")
+        self.ghost_bn_splits()
         if self.attack_budget == "fixed" and self.attack_step_size <= 0:
             raise UserError(f"--attack-step-size {eps_text(self.attack_step_size, self.norm)} must be > 0 with "
                             "--attack-budget fixed")
@@ -132,9 +148,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr", "tau", "attack_steps"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("alpha", "beta", "trades_beta", "awp_gamma", "weight_decay", "val_size", "eval_subset",
-                     "checkpoint_every_steps", "warmup_epochs", "aug_weight", "awp_warmup",
-                     "avg_start_epoch", "step_ema_warmup", "eval_pgd_steps", "keep_checkpoints", "seed"):
+        for name in ("alpha", "beta", "trades_beta", "attack_alpha", "attack_beta", "ghost_bn", "awp_gamma",
+                     "weight_decay", "val_size", "eval_subset", "checkpoint_every_steps", "warmup_epochs",
+                     "aug_weight", "awp_warmup", "avg_start_epoch", "step_ema_warmup", "eval_pgd_steps",
+                     "keep_checkpoints", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.workers < -1:
@@ -144,6 +161,24 @@ class TrainConfig:
                 raise UserError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+
+    def ghost_bn_splits(self, world_size: int = 1) -> int:
+        """BatchNorm calls per training forward of one process with ``ghost_bn`` (1: plain BatchNorm).
+
+        A full batch of ``batch_size / world_size`` images per process (twice that with two-view
+        ``autoaug`` batches) is split into this many chunks of ``ghost_bn`` images, the way
+        ``nn.DataParallel`` scatters a batch over that many GPUs.
+        """
+        if not self.ghost_bn:
+            return 1
+        views = 2 if self.augment == "autoaug" else 1
+        share = self.batch_size // world_size * views
+        if share % self.ghost_bn:
+            where = f" per process ({world_size} processes)" if world_size > 1 else ""
+            raise UserError(f"--ghost-bn {self.ghost_bn} does not divide the {share} images of a training forward"
+                            f"{where} (--batch-size {self.batch_size}" + (", two views" if views == 2 else "")
+                            + "): choose a divisor of it, or --ghost-bn 0")
+        return share // self.ghost_bn
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able values (tuples become lists)."""

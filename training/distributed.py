@@ -168,16 +168,11 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
     """
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
-        if module.affine:
-            new.weight, new.bias = module.weight, module.bias
-        if module.track_running_stats:
-            new.running_mean, new.running_var = module.running_mean, module.running_var
-            new.num_batches_tracked = module.num_batches_tracked
-        new.train(module.training)
-        return new
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, device_type))
-    return module
+    from models.batchnorm import replace_batchnorm
+
+    def make(bn: nn.Module) -> nn.Module:
+        if isinstance(bn, GlobalBatchNorm):
+            return bn
+        return GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+
+    return replace_batchnorm(module, make)

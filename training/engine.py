@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
@@ -31,14 +31,19 @@ Tensor = torch.Tensor
 
 
 class StepLoss(nn.Module):
-    """``training_loss`` of ``net`` as a module: ``forward(x, x_adv, y, scores) -> (loss, parts, o_nat, o_adv)``."""
+    """``training_loss`` of ``net`` as a module: ``forward(x, x_adv, y, scores) -> (loss, parts, o_nat, o_adv)``.
+
+    ``n_views`` is how the loss splits the batch (2: ``[basic; aug]`` halves); ``share`` is this
+    process's :attr:`LossSpec.rank_share` for the step (1 unless the step's batch splits unevenly).
+    """
 
     def __init__(self, net: nn.Module, spec: LossSpec, n_views: int) -> None:
         super().__init__()
         self.net, self.spec, self.n_views = net, spec, n_views
 
-    def forward(self, x: Tensor, x_adv: Optional[Tensor], y: Tensor, scores: Optional[Tensor]):
-        return training_loss(self.spec, self.net, x, x_adv, y, scores, self.n_views)
+    def forward(self, x: Tensor, x_adv: Optional[Tensor], y: Tensor, scores: Optional[Tensor], share: float = 1.0):
+        spec = self.spec if share == 1.0 else replace(self.spec, rank_share=share)
+        return training_loss(spec, self.net, x, x_adv, y, scores, self.n_views)
 
 
 @dataclass
@@ -71,14 +76,17 @@ class StepModules:
 
 
 def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1, distributed: bool = False,
-               amp: bool = False) -> StepModules:
+               amp: bool = False, world_size: int = 1) -> StepModules:
     """The model, optimiser, AWP proxy, bank, averager and loss modules of a run with config ``cfg``."""
     from models import build_model
+    from models.batchnorm import convert_ghost_batchnorm
 
     spec = LossSpec.from_config(cfg)
     model = build_model(cfg.arch, num_classes).to(device)
     if cfg.sync_bn and distributed:
         model = dist_utils.convert_sync_batchnorm(model, device.type)
+    # Before the AWP deepcopy: the released proxy was a DataParallel module too.
+    model = convert_ghost_batchnorm(model, cfg.ghost_bn_splits(world_size))
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     fused = device.type == "cuda"
@@ -90,12 +98,12 @@ def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1,
     averager = WeightAverager(model, cfg.averaging, decay=cfg.avg_decay, start_epoch=cfg.avg_start_epoch,
                               step_decay=cfg.step_ema_decay, step_warmup=cfg.step_ema_warmup)
 
-    def loss_module(net: nn.Module) -> nn.Module:
+    def loss_module(net: nn.Module, views: int = n_views) -> nn.Module:
         # DDP sees one forward (adversarial and natural passes together) per backward. The AWP proxy
         # gets its own wrapper so that its gradient is averaged over ranks like the model's: every
         # rank then applies the perturbation the full-batch released code computes (per-rank proxy
         # gradients would let the ranks' weights drift apart through weight decay and momentum).
-        module = StepLoss(net, spec, n_views)
+        module = StepLoss(net, spec, views)
         return dist_utils.ddp_wrap(module, device) if distributed else module
 
     def compiled(net: nn.Module) -> nn.Module:
@@ -107,7 +115,12 @@ def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1,
     # Compiled views share the plain modules' weights; they are made after every deepcopy above,
     # so the copies hold no reference to a compiled forward.
     attack_model = compiled(model)
-    proxy_loss = loss_module(compiled(awp.proxy)) if awp is not None else None
+    proxy_loss = None
+    if awp is not None:
+        # joint: the released TradesAWP.calc_awp, one CE and one GKL term over the whole [basic; aug]
+        # batch with its class weights; split: the proxy loss is the training loss itself.
+        proxy_views = 1 if cfg.awp_proxy_views == "joint" else n_views
+        proxy_loss = loss_module(compiled(awp.proxy), proxy_views)
     return StepModules(model=model, attack_model=attack_model, train_loss=loss_module(attack_model),
                        optimizer=optimizer, bank=ScoreBank(num_classes, tau=cfg.tau, device=device),
                        averager=averager, spec=spec, num_classes=num_classes, norm=cfg.norm, n_views=n_views,
@@ -115,12 +128,15 @@ def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1,
 
 
 def training_step(m: StepModules, x: Tensor, y: Tensor, *, budget: AttackBudget, lr: float, awp_on: bool,
-                  step: int) -> Tensor:
+                  step: int, share: float = 1.0, momentum: Optional[float] = None) -> Tensor:
     """One step of spec section 4 on a batch already on the device; returns the step's metric sums.
 
     Attack (natural logits computed once) -> AWP perturb -> training forwards -> loss -> optimiser
     step -> AWP restore -> bank update -> per-step weight average. ``step`` is the 1-based global
-    number of this step (the per-step EMA's warm-up counts it).
+    number of this step (the per-step EMA's warm-up counts it). ``share``: this process's images
+    times the world size over the step's global batch (1 unless an uneven last batch); DDP
+    averages the processes' gradients with equal weights, so each loss is scaled by it and the
+    average is the full-batch gradient. ``momentum``: set the optimiser's momentum (a cycled schedule).
     """
     spec, method, phase = m.spec, m.spec.method, m.phase
     scores = scores_for(spec, m.bank, y, m.num_classes)
@@ -138,14 +154,16 @@ def training_step(m: StepModules, x: Tensor, y: Tensor, *, budget: AttackBudget,
         m.model.train()
         if m.awp is not None and awp_on:
             with phase("awp perturb"):
-                m.awp.perturb(lambda _proxy: m.proxy_loss(x, x_adv, y, scores)[0])
+                m.awp.perturb(lambda _proxy: _scaled(m.proxy_loss(x, x_adv, y, scores, share=share)[0], share))
         with phase("training forward"):
-            loss, parts, o_nat, o_adv = m.train_loss(x, x_adv, y, scores)
+            loss, parts, o_nat, o_adv = m.train_loss(x, x_adv, y, scores, share=share)
     for group in m.optimizer.param_groups:
         group["lr"] = lr
+        if momentum is not None:
+            group["momentum"] = momentum
     with phase("training backward"):
         m.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        _scaled(loss, share).backward()
     with phase("optimizer"):
         m.optimizer.step()
     with phase("awp restore"):
@@ -157,6 +175,10 @@ def training_step(m: StepModules, x: Tensor, y: Tensor, *, budget: AttackBudget,
             m.bank.update(o_nat[:b].detach(), y[:b])
         m.averager.after_step(m.model, step)
     return step_sums(m.metric_names, loss, parts, o_nat, o_adv, y)
+
+
+def _scaled(loss: Tensor, share: float) -> Tensor:
+    return loss if share == 1.0 else loss * share
 
 
 def step_sums(names: tuple[str, ...], loss: Tensor, parts: dict[str, Tensor], o_nat: Optional[Tensor],

@@ -1,4 +1,7 @@
-"""The data of a training run: the training loader (seeded, resumable, sharded over ranks) and the held-out set."""
+"""The data of a training run: the training loader (seeded, resumable, sharded over ranks) and the set
+the per-epoch evaluation measures: a held-out part of the training set (``--val-size N``), or
+without one (the paper presets, which train on every image) ``eval_subset`` fixed training images.
+"""
 from __future__ import annotations
 
 import os
@@ -16,12 +19,13 @@ VAL_SPLIT_SEED = 12345  # fixed, so every run of a dataset holds out the same im
 
 @dataclass
 class TrainingData:
-    """What a run reads: batches (``sampler`` decides their order), the held-out set, views per image."""
+    """What a run reads: batches (``sampler`` decides their order), the evaluated set, views per image."""
 
     loader: DataLoader
     sampler: Union[EpochBatchSampler, "MixedBatchSampler"]  # noqa: F821  (data.generated, imported lazily)
-    val_set: Dataset
+    val_set: Dataset  # held out (``held_out``) or, without a held-out split, images the run trains on
     n_views: int
+    held_out: bool = True
 
 
 def loader_workers(requested: int, device: torch.device) -> int:
@@ -37,11 +41,24 @@ def loader_workers(requested: int, device: torch.device) -> int:
 
 
 def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
-    """Fixed held-out split of the training set (never the test set) for metrics and `best`."""
+    """Fixed held-out split of the training set (never the test set) for metrics and `best`.
+
+    With ``val_size`` 0 every image trains and the second list is a fixed order of all of them
+    (the first ``eval_subset`` are what the per-epoch evaluation then measures).
+    """
     if val_size >= n:
         raise UserError(f"--val-size {val_size} leaves no training data ({n} training images): lower it")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()
+    if val_size == 0:
+        return list(range(n)), perm
     return sorted(perm[val_size:]), sorted(perm[:val_size])
+
+
+def _check_last_batch(images: int, world_size: int) -> None:
+    """Every process needs at least one image of the epoch's last (partial) batch."""
+    if images < world_size:
+        raise UserError(f"the last batch of each epoch holds {images} image(s), fewer than the {world_size} "
+                        "processes: pass --drop-last true, or change --batch-size or the number of processes")
 
 
 def build_training_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainingData:
@@ -58,18 +75,24 @@ def build_training_data(cfg, device: torch.device, rank: int = 0, world_size: in
         if gen.num_classes != NUM_CLASSES[cfg.dataset]:
             raise UserError(f"--generated {cfg.generated} has {gen.num_classes} classes but --dataset "
                             f"{cfg.dataset} has {NUM_CLASSES[cfg.dataset]}: convert the matching generated set")
+        # dataset-size: DM-AT's epoch, ceil(len(CIFAR training set) / batch) steps of the mixed batch
+        steps = -(-len(full_train) // cfg.batch_size) if cfg.generated_epoch == "dataset-size" else None
         sampler = MixedBatchSampler(len(train_set), len(gen), cfg.batch_size, cfg.generated_fraction,
-                                    seed=cfg.seed, rank=rank, world_size=world_size)
+                                    seed=cfg.seed, rank=rank, world_size=world_size, steps_per_epoch=steps,
+                                    drop_last=cfg.drop_last)
+        _check_last_batch(sampler.batch_size_of(sampler.steps_per_epoch - 1), world_size)
         train_set = ConcatDataset([train_set, gen])
     else:
         if cfg.batch_size > len(train_set):
             raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set "
                             f"({len(train_set)} images after holding out --val-size {cfg.val_size})")
-        sampler = EpochBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
+        sampler = EpochBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
+                                    drop_last=cfg.drop_last)
+        _check_last_batch(sampler.batch_size_of(sampler.steps_per_epoch - 1), world_size)
     workers = loader_workers(cfg.workers, device)
     loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         prefetch_factor=4 if workers > 0 else None,
                         generator=torch.Generator())  # leaves the global RNG alone
     n_eval = min(cfg.eval_subset, len(val_idx))
-    return TrainingData(loader, sampler, Subset(plain_train, val_idx[:n_eval]), n_views)
+    return TrainingData(loader, sampler, Subset(plain_train, val_idx[:n_eval]), n_views, held_out=cfg.val_size > 0)

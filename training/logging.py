@@ -25,7 +25,7 @@ class History:
         atomic_write(self.csv_path, lambda f: frame.to_csv(f, index=False), binary=False)
 
     def plot(self, path: Path) -> None:
-        """Training curves: loss parts, held-out natural/PGD accuracy (raw and averaged), eps and lr."""
+        """Training curves: loss parts, natural/PGD accuracy (raw and averaged; held-out or ``seen_``), eps and lr."""
         if not self.rows:
             return
         import matplotlib
@@ -40,10 +40,13 @@ class History:
             if df[col].abs().sum() > 0:
                 axes[0].plot(df.epoch, df[col], label=col.removeprefix("train_"))
         axes[0].set(title="training loss", xlabel="epoch")
-        for col, style in (("val_clean", "-"), ("val_pgd", "-"), ("val_clean_avg", "--"), ("val_pgd_avg", "--")):
-            if col in df:
-                axes[1].plot(df.epoch, df[col], style, label=col.removeprefix("val_"))
-        axes[1].set(title="held-out accuracy (PGD at the final eps)", xlabel="epoch", ylim=(0, 1))
+        held_out = "val_clean" in df  # else seen_*: training images (no held-out split)
+        prefix = "val_" if held_out else "seen_"
+        for col, style in (("clean", "-"), ("pgd", "-"), ("clean_avg", "--"), ("pgd_avg", "--")):
+            if prefix + col in df:
+                axes[1].plot(df.epoch, df[prefix + col], style, label=col)
+        title = "held-out accuracy" if held_out else "accuracy on training images (no held-out split)"
+        axes[1].set(title=f"{title} (PGD at the final eps)", xlabel="epoch", ylim=(0, 1))
         axes[2].plot(df.epoch, df.eps_x255, label="eps x255")
         ax2 = axes[2].twinx()
         ax2.plot(df.epoch, df.lr, "r")

@@ -85,12 +85,18 @@ class LossSpec:
     trades_beta: float = 6.0
     label_smoothing: float = 0.0
     aug_weight: float = 0.5
+    attack_alpha: float = 1.0  # wMSE weight of the GKL-family attack objective
+    attack_beta: float = 1.0  # soft-label CE weight of the GKL-family attack objective
+    # This process's share of the step's global batch times the world size: 1 when the batch splits
+    # evenly over the processes (always in one process); set per step for an uneven last batch.
+    rank_share: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
         method = get_method(cfg.loss)
         spec = cls(cfg.loss, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, weight_source=cfg.weight_source,
-                   trades_beta=cfg.trades_beta, label_smoothing=cfg.label_smoothing, aug_weight=cfg.aug_weight)
+                   trades_beta=cfg.trades_beta, label_smoothing=cfg.label_smoothing, aug_weight=cfg.aug_weight,
+                   attack_alpha=cfg.attack_alpha, attack_beta=cfg.attack_beta)
         return replace(spec, **method.fixed)
 
     @property
@@ -180,16 +186,25 @@ def gkl_term(spec: LossSpec, o_nat: Tensor, o_adv: Tensor, y: Tensor, scores: Op
              ) -> tuple[Tensor, Parts]:
     """GKL(nat, adv) with the run's alpha, beta, gamma and weights (spec sections 2 and 4)."""
     # With gamma = 1 every weight row sums to 1 and the normaliser is the batch size on every
-    # rank; otherwise each rank divides by the weight sum of the global batch.
-    reduce = None if spec.gamma == 1.0 else mean_over_ranks
+    # rank; otherwise each rank divides by the weight sum of the global batch. On an uneven last
+    # batch each rank's loss is scaled by its share before DDP averages the gradients, so the
+    # normaliser carries the inverse factor: the scaled ranks then sum to the global wMSE.
+    reduce = None
+    if spec.gamma != 1.0:
+        share = spec.rank_share
+        reduce = mean_over_ranks if share == 1.0 else (lambda total: mean_over_ranks(total) * share)
     return gkl_loss(o_nat, o_adv, alpha=spec.alpha, beta=spec.beta, gamma=spec.gamma, scores=scores,
                     break_asymmetry=spec.break_asymmetry, weight_sum_reduce=reduce)
 
 
 def gkl_attack(spec: LossSpec, logits_nat: Tensor, scores: Optional[Tensor]) -> Objective:
-    """GKL with alpha = beta = gamma = 1 and the step's class weights; ``logits_nat`` is constant."""
+    """GKL with gamma = 1, the step's class weights and the attack's weights (``attack_alpha`` on
+    the wMSE, ``attack_beta`` on the soft-label CE: 1 and 1 in the released CIFAR-100 script, 0 and 1
+    in the CIFAR-10 one); ``logits_nat`` is constant."""
+    alpha, beta = spec.attack_alpha, spec.attack_beta
+
     def objective(logits_adv: Tensor, y: Tensor) -> Tensor:
-        return gkl_loss(logits_nat, logits_adv, alpha=1.0, beta=1.0, gamma=1.0, scores=scores,
+        return gkl_loss(logits_nat, logits_adv, alpha=alpha, beta=beta, gamma=1.0, scores=scores,
                         break_asymmetry=spec.break_asymmetry, reduction="sum")[0]
     return objective
 
@@ -200,7 +215,7 @@ def _gkl_family(name: str, summary: str, **fixed: Any) -> Method:
                   fixed=fixed)
 
 
-register(_gkl_family("gkl", "attack: GKL (alpha = beta = gamma = 1, bank weights); loss: CE(nat) + "
+register(_gkl_family("gkl", "attack: GKL (attack_alpha, attack_beta, gamma = 1, bank weights); loss: CE(nat) + "
                      "GKL(nat, adv; alpha, beta, gamma, bank weights, BA on)"))
 register(_gkl_family("ikl", "as gkl with gamma = 1 and class-wise (bank) weights",
                      gamma=1.0, break_asymmetry=True, weight_source="class"))

@@ -37,7 +37,7 @@ from . import engine
 from .config import TrainConfig, save_config
 from .loaders import VAL_SPLIT_SEED, build_training_data  # noqa: F401  (VAL_SPLIT_SEED: API)
 from .logging import History
-from .schedules import AttackBudget, attack_budget, config_lr
+from .schedules import AttackBudget, attack_budget, config_lr, config_momentum
 
 CHECKPOINT_FORMAT = "gkl-at/1"
 LOG_EVERY = 20  # steps between progress-bar updates (each costs one host-device sync)
@@ -78,9 +78,11 @@ class Trainer:
         self.num_classes = NUM_CLASSES[cfg.dataset]
         data = build_training_data(cfg, self.device, self.dist.rank, self.dist.world_size)
         self.train_loader, self.sampler, self.val_set, self.n_views = data.loader, data.sampler, data.val_set, data.n_views
+        self.monitor = "val" if data.held_out else "seen"  # log prefix: held-out images, or ones it trains on
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.modules = engine.build_step(cfg, self.num_classes, self.device, n_views=self.n_views,
-                                         distributed=self.dist.enabled, amp=self.amp)
+                                         distributed=self.dist.enabled, amp=self.amp,
+                                         world_size=self.dist.world_size)
         m = self.modules  # the pieces a step touches, under their usual names
         self.spec, self.model, self.optimizer, self.awp = m.spec, m.model, m.optimizer, m.awp
         self.bank, self.averager = m.bank, m.averager
@@ -110,8 +112,12 @@ class Trainer:
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, lr: float) -> torch.Tensor:
         """One GKL-AT step (:func:`training.engine.training_step`) on a batch already on the device."""
+        share = 1.0
+        if self.dist.enabled:  # an uneven last batch: this rank's images times the world size over the batch's
+            share = y.shape[0] // self.n_views * self.dist.world_size / self.sampler.batch_size_of(self.step_in_epoch)
         sums = engine.training_step(self.modules, x, y, budget=self.budget(epoch), lr=lr,
-                                    awp_on=epoch >= self.cfg.awp_warmup, step=self.global_step + 1)
+                                    awp_on=epoch >= self.cfg.awp_warmup, step=self.global_step + 1, share=share,
+                                    momentum=config_momentum(self.cfg, epoch))
         self.global_step += 1
         return sums
 
@@ -168,7 +174,8 @@ class Trainer:
                                    f"{self._kept_checkpoint()}. Lower --lr")
 
     def evaluate(self, epoch: int) -> dict:
-        """Held-out natural and PGD accuracy of the raw and (when there are any) the averaged weights."""
+        """Natural and PGD accuracy of the raw and (when there are any) the averaged weights on the held-out
+        images (``val_*``) or, without a held-out split, on ``eval_subset`` training images (``seen_*``)."""
         cfg, metrics = self.cfg, {}
         models = {"": self.model, "_avg": self.averager.module}
         for suffix, model in models.items():
@@ -176,7 +183,7 @@ class Trainer:
                 acc = engine.evaluate(model, self.val_set, eps=cfg.eps, norm=cfg.norm, pgd_steps=cfg.eval_pgd_steps,
                                       seed=epoch_seed(cfg.seed, epoch), device=self.device, rank=self.dist.rank,
                                       world_size=self.dist.world_size)
-                metrics.update({f"val_clean{suffix}": acc["clean"], f"val_pgd{suffix}": acc["pgd"]})
+                metrics.update({f"{self.monitor}_{k}{suffix}": acc[k] for k in ("clean", "pgd")})
         return metrics
 
     def fit(self) -> list[dict]:
@@ -219,6 +226,8 @@ class Trainer:
         return self.history.rows
 
     def _update_best(self, row: dict) -> bool:
+        if self.monitor != "val":  # best.pt is chosen on held-out images only
+            return False
         metric = row.get("val_pgd_avg", row["val_pgd"])
         if metric > self.best["metric"]:
             self.best = {"metric": metric, "epoch": row["epoch"]}
@@ -226,10 +235,11 @@ class Trainer:
         return False
 
     def _print_row(self, r: dict) -> None:
-        avg = f" | avg clean {r['val_clean_avg']:.3f} pgd {r['val_pgd_avg']:.3f}" if "val_pgd_avg" in r else ""
+        m = self.monitor
+        avg = f" | avg clean {r[f'{m}_clean_avg']:.3f} pgd {r[f'{m}_pgd_avg']:.3f}" if f"{m}_pgd_avg" in r else ""
         eps = eps_text(r["eps_x255"] / 255, self.cfg.norm)
         tqdm.write(f"epoch {r['epoch']:>3}/{self.cfg.epochs} eps {eps} lr {r['lr']:.4f} "
-                   f"loss {r['train_loss']:.3f} | val clean {r['val_clean']:.3f} pgd {r['val_pgd']:.3f}{avg} "
+                   f"loss {r['train_loss']:.3f} | {m} clean {r[f'{m}_clean']:.3f} pgd {r[f'{m}_pgd']:.3f}{avg} "
                    f"| {r['train_time_s']:.0f}s")
 
     def _stop_requested(self, step_in_epoch: Optional[int] = None) -> bool:
