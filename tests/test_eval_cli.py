@@ -109,3 +109,22 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, run_dir, digits_model, capsys
         assert expected in lines[0], (case, lines[0])
         assert "Traceback" not in err
     assert _tree_digest(tmp_path) == before  # nothing written, nothing damaged
+
+
+def test_n_ex_beyond_the_split_is_said_and_reports_follow_the_umask(run_dir, capsys):
+    import os
+
+    old = os.umask(0o027)  # mkstemp-style writers would give 0600 whatever the umask
+    try:
+        assert eval_autoattack.main([str(run_dir), "--attacks", "clean", "--n-ex", "100000", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    summary = capsys.readouterr().out.strip()
+    assert "n=360" in summary and "--n-ex 100000 > the 360 points of the split: all 360 evaluated" in summary, summary
+    out = run_dir / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["n"] == 360 and report["data"]["n_ex"] == 100000
+    assert "all 360 points (--n-ex 100000 asked for more" in report["data"]["description"]
+    assert "all 360 points (--n-ex 100000 asked for more" in (out / "report.md").read_text()
+    for name in ("report.json", "report.md", "table_eps.csv", "per_sample.csv"):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
