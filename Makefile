@@ -2,12 +2,14 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+# compat/ is installed from requirements.txt: a change to its sources reinstalls it (pip always reinstalls a local path)
+COMPAT_SRC := $(sort $(wildcard compat/pyproject.toml compat/*.pth compat/gkl_at_compat/*.py))
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt $(COMPAT_SRC) | cksum | cut -d' ' -f1)
 QS := runs/quickstart
 
 .PHONY: install quickstart test bench clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt $(COMPAT_SRC)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt

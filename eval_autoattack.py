@@ -18,16 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from core.cli import ArgumentParser as _Parser
 from errors import UserError
 
 DEFAULT_OUT = "eval"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are ``UserError`` (one line, exit 2) rather than usage dumps."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,24 +158,47 @@ def run(args: argparse.Namespace) -> int:
     x, y = load_eval_data(dataset, args.split, data_dir, args.n_ex)
     data = {"dataset": dataset, "split": args.split, "n": len(y), "n_ex": args.n_ex, "data_dir": data_dir,
             "description": f"{dataset} {args.split} split, first {len(y)} points"}
+    short = args.n_ex is not None and args.n_ex > len(y)
+    if short:  # said in the summary line, report.json and report.md
+        data["description"] = (f"{dataset} {args.split} split, all {len(y)} points (--n-ex {args.n_ex} asked for "
+                               f"more than the split holds)")
     out = _default_out(args)
-    store = ResultStore(out / "cache", _identity(info, data), resume=args.resume)
-    _echo(args, suites, info, data, out)
-    results = [run_suite(model, x, y, s, store=store, progress=not args.quiet,
-                         adv_dir=(out / "adv" / ("" if i == 0 else s.norm)) if args.save_adv else None)
-               for i, s in enumerate(suites)]
-    sections = [NormSection(r) for r in results[1:]]
-    if corrupted is not None:
-        sections.append(CorruptionSection(run_corruptions(model, corrupted, corruptions, store=store,
-                                                          progress=not args.quiet)))
-    meta = {"model": dict(info), "data": data, "environment": environment_info(device),
-            "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
-            "wall_seconds": round(time.perf_counter() - start, 2)}
-    paths = write_reports(results[0], out, meta, sections)
+    with _out_lock(out):
+        store = ResultStore(out / "cache", _identity(info, data), resume=args.resume)
+        _echo(args, suites, info, data, out)
+        results = [run_suite(model, x, y, s, store=store, progress=not args.quiet,
+                             adv_dir=(out / "adv" / ("" if i == 0 else s.norm)) if args.save_adv else None)
+                   for i, s in enumerate(suites)]
+        sections = [NormSection(r) for r in results[1:]]
+        if corrupted is not None:
+            sections.append(CorruptionSection(run_corruptions(model, corrupted, corruptions, store=store,
+                                                              progress=not args.quiet)))
+        meta = {"model": dict(info), "data": data, "environment": environment_info(device),
+                "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
+                "wall_seconds": round(time.perf_counter() - start, 2)}
+        paths = write_reports(results[0], out, meta, sections)
     lines = [f"{r.settings.norm}: {summary_line(r)}" if len(results) > 1 else summary_line(r) for r in results]
     lines += [s.summary() for s in sections if isinstance(s, CorruptionSection)]
-    print(" || ".join(lines) + f" | report: {paths['markdown']}")
+    note = f" | --n-ex {args.n_ex} > the {len(y)} points of the split: all {len(y)} evaluated" if short else ""
+    print(" || ".join(lines) + f"{note} | report: {paths['markdown']}")
     return 0
+
+
+def _out_lock(out: Path):
+    """One evaluation at a time writes into ``out`` (``OUT/.lock``, see ``core.files.folder_lock``)."""
+    from core.files import folder_lock
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out}: {e.strerror}; pick another --out") from None
+
+    def busy(pid: Optional[int]) -> str:
+        who = f"process {pid}" if pid else "another process"
+        return (f"--out {out} is in use by another evaluation ({who} holds {out / '.lock'}): wait for it to "
+                "end, or choose another --out")
+
+    return folder_lock(out, busy)
 
 
 def _echo(args: argparse.Namespace, suites, info: dict[str, Any], data: dict[str, Any], out: Path) -> None:

@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
+from core.cli import ArgumentParser as _Parser
 from errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are ``UserError`` (one line, exit 2) rather than usage dumps."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,12 +114,18 @@ def print_result(result) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 def run_export(request) -> int:
     """Export ``request`` and print the outcome; returns the exit code (0, 1 mismatch, 2 user error)."""
     from export import ExportMismatch, export
 
     try:
-        result = export(request)
+        with warnings.catch_warnings():  # e.g. "no averaged weights": one note line, not a warning with its source
+            warnings.showwarning = _note
+            result = export(request)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code

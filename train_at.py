@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -16,27 +17,22 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from core.cli import ArgumentParser as _Parser
 from errors import UserError
 
 RESUME_OVERRIDABLE = {"device", "workers", "checkpoint_every_steps", "data_dir", "generated", "keep_checkpoints"}
 EXIT_DIVERGED = 3
 EXIT_CODES = """\
 exit codes:
-  0         training finished
-  2         bad arguments, data, run folder or checkpoint (one line on stderr; files already on disk unchanged)
+  0         training finished (or --resume of a finished run: "finished at epoch E, nothing to do", nothing touched)
+  2         bad arguments, data, run folder or checkpoint (one line on stderr; files already on disk unchanged),
+            or the run folder is in use by another trainer (the message names its PID)
   3         training diverged (non-finite loss or weights): the last good checkpoint is kept
   130, 143  stopped by SIGINT (Ctrl-C) / SIGTERM: a checkpoint of the current step was saved at the step's
             end; continue with --resume RUN_DIR (a second signal stops at once, keeping the previous one)
 A SIGKILL at any moment leaves the previous complete checkpoint: every write goes to a temp file that is
 renamed into place once complete, and --resume removes leftover temp files.
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are ``UserError`` (one line, exit 2) rather than usage dumps."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--print-schedule", action="store_true", help="print eps / attack steps / lr per epoch and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--verify-generated", action="store_true",
+                   help="check the SHA-256 of every --generated shard against its index.json first (reads the whole set)")
     add_config_arguments(p)
     return p
 
@@ -106,7 +104,7 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 def clear_previous_run(run_dir: Path) -> list[str]:
     """``--overwrite``: remove the earlier run's checkpoints, log and evaluation so none of them is
     mistaken for the new run's (a resume falls back to the newest epoch file). Rank 0 only."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _is_rank0():
         return []
     removed = []
     folder = run_dir / "checkpoints"
@@ -153,15 +151,67 @@ def check_world_size(batch_size: int) -> None:
 
 
 def check_free_space(trainer, run_dir: Path) -> None:
-    """Enough disk for the checkpoints this run keeps at its peak (last, a temp file, best, rolling ones)."""
+    """Enough disk for the checkpoints this run keeps at its peak.
+
+    Every kept file is an independent copy: last.pt and its temp file while it is rewritten, best.pt,
+    and the rolling epoch files (all of them with --keep-checkpoints 0), one of which is the temp file
+    of the newest while it is copied. Files already there (a resume) are counted once per inode, as
+    run folders of earlier versions hold hard links.
+    """
     from checkpoints.io import ensure_free_space, tensor_bytes
 
+    cfg = trainer.cfg
     size = tensor_bytes(trainer.state_dict()) + 2**20
-    peak = size * (trainer.cfg.keep_checkpoints + 3)
+    rolling = min(cfg.keep_checkpoints, cfg.epochs) if cfg.keep_checkpoints else cfg.epochs
+    peak = size * (rolling + 3)
     folder = run_dir / "checkpoints"
     inodes = {p.stat().st_ino: p.stat().st_size for p in folder.glob("*.pt")} if folder.is_dir() else {}
     existing = next((p for p in (run_dir, *run_dir.absolute().parents) if p.is_dir()), Path("/"))
     ensure_free_space(existing, max(peak - sum(inodes.values()), size), f"the checkpoints of {run_dir}")
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finished_epoch(run_dir: Path, epochs: int) -> tuple[Optional[int], list[str]]:
+    """The last epoch of a finished run (its newest complete checkpoint ends epoch ``epochs``), else None,
+    and the notes of what was skipped to find it. Only reads (tensors memory-mapped); any problem is left
+    to the resume itself to report."""
+    from checkpoints.io import load_latest_checkpoint
+
+    try:
+        _, state, notes = load_latest_checkpoint(run_dir / "checkpoints", mmap=True)
+    except UserError:
+        return None, []
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if isinstance(epoch, int) and epoch >= epochs and not state.get("step_in_epoch"):
+        return epoch, notes
+    return None, []
+
+
+def run_lock(run_dir: Path, resuming: bool):
+    """The exclusive lock of the run folder (``RUN/.lock``), held by the process that writes (rank 0)."""
+    from core.files import folder_lock
+
+    if not _is_rank0():
+        return contextlib.nullcontext()
+
+    def busy(pid: Optional[int]) -> str:
+        who = f"process {pid}" if pid else "another process"
+        if resuming:
+            return (f"--resume {run_dir}: the run is still going ({who} holds {run_dir / '.lock'}); "
+                    f"wait for it to end or stop it{f' (kill {pid})' if pid else ''}, then resume")
+        return (f"--out {run_dir} is in use by another training run ({who} holds {run_dir / '.lock'}): "
+                "choose another --out, or wait for that run to end")
+
+    return folder_lock(run_dir, busy)
+
+
+def _hold(stack: contextlib.ExitStack, run_dir: Path, resuming: bool) -> None:
+    if stack.enter_context(run_lock(run_dir, resuming)) is None and _is_rank0():
+        print(f"note: the file system of {run_dir} has no file locks: nothing stops a second trainer from "
+              "writing into the same folder", file=sys.stderr)
 
 
 def train(trainer, run_dir: Path) -> int:
@@ -207,21 +257,38 @@ def run(args: argparse.Namespace) -> int:
         print(lr_formula(cfg))
         print(pd.DataFrame(schedule_table(cfg)).to_string(index=False))
         return 0
+    if args.verify_generated and cfg.generated:
+        from data.generated import verify_shards
+
+        verify_shards(cfg.generated, progress=not args.no_progress)
     if resuming:
-        probe_run_dir(run_dir)  # before the resume removes leftover temp files
+        done, notes = finished_epoch(run_dir, cfg.epochs)
+        if done is not None:
+            if _is_rank0():
+                for note in notes:
+                    print(f"note: {note}", file=sys.stderr)
+                print(f"{run_dir}: finished at epoch {done}, nothing to do (evaluate it with: "
+                      f"python eval_autoattack.py {run_dir})")
+            return 0
+        probe_run_dir(run_dir)
     else:
         check_run_dir(run_dir, args.overwrite)
     check_world_size(cfg.batch_size)
     from training.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir, resume=resuming, progress=not args.no_progress)
-    check_free_space(trainer, run_dir)
-    if not resuming:
-        if args.overwrite and clear_previous_run(run_dir):
-            print(f"--overwrite: removed the earlier run's checkpoints, log and evaluation in {run_dir}",
-                  file=sys.stderr)
-        probe_run_dir(run_dir)  # the first write of a new run: nothing is created before all checks pass
-    return train(trainer, run_dir)
+    with contextlib.ExitStack() as stack:
+        if resuming:  # before the resume removes leftover temp files, which a running process may be writing
+            _hold(stack, run_dir, resuming)
+        trainer = Trainer(cfg, run_dir, resume=resuming, progress=not args.no_progress)
+        check_free_space(trainer, run_dir)
+        if not resuming:
+            probe_run_dir(run_dir)  # the first write of a new run: nothing is created before all checks pass
+            _hold(stack, run_dir, resuming)
+            check_run_dir(run_dir, args.overwrite)  # again under the lock: a run may have written there meanwhile
+            if args.overwrite and clear_previous_run(run_dir):
+                print(f"--overwrite: removed the earlier run's checkpoints, log and evaluation in {run_dir}",
+                      file=sys.stderr)
+        return train(trainer, run_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

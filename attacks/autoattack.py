@@ -131,10 +131,7 @@ def _make_adversary(model: nn.Module, *, eps: float, norm: str, version: str, at
                     seed: int, device: torch.device, log_path: Optional[str | Path], verbose: bool) -> object:
     from . import rb_bridge
 
-    if rb_bridge.uses_git_autoattack():
-        from autoattack import AutoAttack
-    else:
-        AutoAttack = rb_bridge.GitStyleAutoAttack
+    AutoAttack = rb_bridge.autoattack_class()
     return AutoAttack(model, norm=norm, eps=eps, seed=seed, verbose=verbose, version=version,
                       attacks_to_run=list(attacks or []), device=device,
                       log_path=str(log_path) if log_path is not None else None)

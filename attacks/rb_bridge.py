@@ -1,248 +1,60 @@
-# Why: robustbench 1.1.1 imports `autoattack` (git-only) and `pkg_resources`; install() provides both.
-"""Bridge that lets ``import robustbench`` work in an environment with PyPI ``pyautoattack`` only.
+"""``import autoattack`` and ``import robustbench`` in an environment with PyPI's ``pyautoattack`` only.
 
-robustbench imports ``autoattack.AutoAttack`` and ``autoattack.state.EvaluationState`` from the
-git package fra31/auto-attack, which is not on PyPI, and ``pkg_resources``, which setuptools >= 81
-no longer ships. :func:`install` registers, only where the real thing is missing:
-
-* ``autoattack``: the git package when importable, else an alias module over ``pyautoattack``
-  whose ``AutoAttack`` takes the git constructor and ``run_standard_evaluation`` arguments;
-* ``autoattack.state`` (float robust flags on load, as robustbench averages them) and the attack
-  submodules, mapped to pyautoattack's;
-* ``pkg_resources``: a one-function stand-in (``resource_filename``), the only name robustbench uses.
+The bridge itself is the small distribution in ``compat/`` (``gkl_at_compat``), which the install
+step (``pip install -r requirements.txt``, ``make install``) puts into the environment: a finder at
+the end of ``sys.meta_path``, registered at interpreter start-up, that provides ``autoattack`` (an
+alias over pyautoattack with the git package's API) and ``pkg_resources`` only where the real ones
+are missing, so any script or notebook can ``import robustbench``. :func:`install` makes sure it is
+registered also where the distribution is not installed (a checkout used with another Python), from
+the repository's copy of the same code.
 """
 from __future__ import annotations
 
-import ast
-import logging
 import importlib
-import importlib.machinery
 import importlib.util
-import json
 import sys
 import types
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
-
-import torch
 
 from errors import UserError
 
+_COMPAT = Path(__file__).resolve().parent.parent / "compat" / "gkl_at_compat"
 
-try:
-    from pyautoattack import AutoAttack as _PyAutoAttack
-except ImportError:  # install() reports it; the git package alone still works
-    _PyAutoAttack = None
 
-# Submodules of the git package that have a pure-PyTorch twin in pyautoattack.
-_SUBMODULES = ("autopgd_base", "fab_pt", "fab_projections", "square", "checks", "other_utils")
-_BRIDGE_FLAG = "_gkl_at_bridge"
+def compat() -> types.ModuleType:
+    """The ``gkl_at_compat`` module: the installed one, else the repository's copy (then imported as such)."""
+    try:
+        import gkl_at_compat
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("gkl_at_compat", _COMPAT / "__init__.py",
+                                                      submodule_search_locations=[str(_COMPAT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gkl_at_compat"] = module
+        spec.loader.exec_module(module)
+        return module
+    return gkl_at_compat
 
 
 def install() -> None:
     """Make ``import autoattack`` and ``import robustbench`` work; safe to call any number of times."""
-    _ensure_pkg_resources()
-    if "autoattack" in sys.modules:
-        return
-    if importlib.util.find_spec("autoattack") is not None:
-        importlib.import_module("autoattack")  # the git package: use it as is
-        return
-    _register_alias()
+    bridge = compat()
+    bridge.register()
+    if not bridge.uses_git_autoattack() and importlib.util.find_spec("pyautoattack") is None:
+        raise UserError("neither the git `autoattack` nor `pyautoattack` is installed; "
+                        "fix: pip install pyautoattack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # setuptools 80 warns that pkg_resources is deprecated
+        importlib.import_module("pkg_resources")
+    importlib.import_module("autoattack")
 
 
 def uses_git_autoattack() -> bool:
-    """True when ``autoattack`` is (or would be) the git package rather than this bridge's alias."""
-    module = sys.modules.get("autoattack")
-    if module is not None:
-        return not getattr(module, _BRIDGE_FLAG, False)
-    return importlib.util.find_spec("autoattack") is not None
+    """True when ``autoattack`` is (or would be) the git package rather than the alias over pyautoattack."""
+    return compat().uses_git_autoattack()
 
 
-def _ensure_pkg_resources() -> None:
-    if "pkg_resources" in sys.modules:
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # setuptools 80 warns that pkg_resources is deprecated
-        try:
-            importlib.import_module("pkg_resources")
-            return
-        except ImportError:
-            pass
-    shim = types.ModuleType("pkg_resources")
-    shim.resource_filename = _resource_filename  # type: ignore[attr-defined]
-    shim.__spec__ = importlib.machinery.ModuleSpec("pkg_resources", None)
-    setattr(shim, _BRIDGE_FLAG, True)
-    sys.modules["pkg_resources"] = shim
-
-
-def _resource_filename(module_name: str, resource: str) -> str:
-    """``pkg_resources.resource_filename``: ``resource`` relative to the module's directory on disk."""
-    module = importlib.import_module(module_name)
-    return str(Path(module.__file__).parent / resource)
-
-
-def _register_alias() -> None:
-    if _PyAutoAttack is None:
-        raise UserError("neither the git `autoattack` nor `pyautoattack` is installed; "
-                        "fix: pip install pyautoattack")
-    import pyautoattack
-
-    alias = types.ModuleType("autoattack", "pyautoattack under the git package's name and API.")
-    alias.__spec__ = importlib.machinery.ModuleSpec("autoattack", None, is_package=True)
-    alias.__path__ = []  # a package, so `import autoattack.state` resolves through sys.modules
-    alias.__version__ = pyautoattack.__version__  # type: ignore[attr-defined]
-    alias.AutoAttack = GitStyleAutoAttack  # type: ignore[attr-defined]
-    setattr(alias, _BRIDGE_FLAG, True)
-    sys.modules["autoattack"] = alias
-    for name in _SUBMODULES:
-        sub = importlib.import_module(f"pyautoattack.{name}")
-        setattr(alias, name, sub)
-        sys.modules[f"autoattack.{name}"] = sub
-    alias.state = _state_module()  # type: ignore[attr-defined]
-    sys.modules["autoattack.state"] = alias.state
-
-
-@contextmanager
-def log_to(logger: logging.Logger, to_stdout: bool, log_path: Optional[str | Path]) -> Iterator[None]:
-    """Send ``logger``'s records (DEBUG and up) to stdout and/or a file for the duration of a run."""
-    handlers: list[logging.Handler] = []
-    if to_stdout:
-        handlers.append(logging.StreamHandler(sys.stdout))
-    if log_path is not None:
-        handlers.append(logging.FileHandler(log_path, mode="a"))
-    old_level = logger.level
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    if handlers:
-        logger.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-        logger.setLevel(old_level)
-
-
-def _state_module() -> types.ModuleType:
-    """``autoattack.state`` whose ``EvaluationState.from_disk`` gives float robust flags.
-
-    robustbench 1.1.1 reports ``from_disk(path).robust_flags.mean()``, which torch refuses for bool.
-    """
-    from pyautoattack import state as py_state
-
-    class EvaluationState(py_state.EvaluationState):
-        @classmethod
-        def from_disk(cls, path: Path) -> "EvaluationState":
-            loaded = _with_sets(super().from_disk(path))
-            loaded._robust_flags = loaded._robust_flags.float()
-            return loaded
-
-    module = types.ModuleType("autoattack.state", py_state.__doc__)
-    module.__spec__ = importlib.machinery.ModuleSpec("autoattack.state", None)
-    module.EvaluationState = EvaluationState  # type: ignore[attr-defined]
-    EvaluationState.__module__ = "autoattack.state"
-    return module
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class GitStyleAutoAttack(_PyAutoAttack or object):  # type: ignore[misc]
-    """pyautoattack's ``AutoAttack`` with the git package's constructor and evaluation signatures.
-
-    Differences bridged: git takes ``attacks_to_run``/``verbose``/``log_path``/``is_tf_model``
-    and ``run_standard_evaluation(x, y, bs=, return_labels=, state_path=)`` returning ``x_adv``;
-    pyautoattack takes ``attacks``, logs to the ``auto-attack`` logger and returns ``(x_adv, y_adv)``.
-    """
-
-    def __init__(self, model: torch.nn.Module, norm: str = "Linf", eps: float = 0.3,
-                 seed: int | None = None, verbose: bool = True, attacks_to_run: list[str] | None = None,
-                 version: str = "standard", is_tf_model: bool = False,
-                 device: torch.device | str | None = None, log_path: str | None = None) -> None:
-        if is_tf_model:
-            raise UserError("is_tf_model=True is not supported by the pyautoattack bridge; "
-                            "fix: pass a PyTorch model or install the git autoattack package")
-        attacks = list(attacks_to_run) if attacks_to_run else None
-        super().__init__(model, attacks=attacks, device=device or _default_device(), eps=eps,
-                         norm=norm, seed=seed, version=version)
-        self.show_progress = verbose
-        self.log_path = log_path
-
-    def run_standard_evaluation(self, x_orig: torch.Tensor, y_orig: torch.Tensor, bs: int = 250,
-                                return_labels: bool = False, state_path: str | Path | None = None,
-                                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Run the configured attacks; ``x_adv`` (and ``y_adv`` with ``return_labels``).
-
-        An existing ``state_path`` is resumed here: pyautoattack 0.2.0's own resume path reads
-        ``y_adv`` before assigning it. Resumed runs return examples from this run only, as git does.
-        """
-        x_orig = x_orig.contiguous()  # APGD .view()s tensors made with zeros_like(x)
-        path = Path(state_path) if state_path is not None else None
-        with log_to(self.logger, self.show_progress, self.log_path):
-            if path is not None and _has_progress(path):
-                x_adv, y_adv = self._resume(x_orig, y_orig, bs, path)
-            else:
-                x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=bs, state_path=path)
-        return (x_adv, y_adv) if return_labels else x_adv
-
-    def _resume(self, x_orig: torch.Tensor, y_orig: torch.Tensor, bs: int,
-                path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        from pyautoattack.state import EvaluationState
-
-        state = _with_sets(EvaluationState.from_disk(path))
-        if set(self.attacks_to_run) != state.attacks_to_run:
-            raise ValueError(f"AutoAttack state {path} was created with a different set of attacks to run")
-        all_attacks, x_adv = list(self.attacks_to_run), x_orig.clone()
-        robust = state.robust_flags.to(x_orig.device)
-        try:
-            for name in [a for a in all_attacks if a not in state.run_attacks]:
-                index = robust.nonzero().squeeze(1)
-                if index.numel():
-                    self.attacks_to_run = [name]  # the library's way to run one attack of the version
-                    x_new, y_new = super().run_standard_evaluation(x_orig[index], y_orig[index], batch_size=bs)
-                    fooled = y_new != y_orig[index]
-                    robust[index[fooled]] = False
-                    x_adv[index[fooled]] = x_new[fooled]
-                state.robust_flags = robust.cpu()  # the setter writes the file
-                state.add_run_attack(name)
-        finally:
-            self.attacks_to_run = all_attacks
-        state.to_disk(force=True)
-        with torch.no_grad():
-            y_adv = torch.cat([self.get_logits(chunk).argmax(dim=1) for chunk in x_adv.split(bs)])
-        return x_adv, y_adv
-
-    def run_standard_evaluation_individual(self, x_orig: torch.Tensor, y_orig: torch.Tensor, bs: int = 250,
-                                           return_labels: bool = False) -> dict:
-        """Run each attack alone on all points; a dict from attack name to its result."""
-        all_attacks, results = list(self.attacks_to_run), {}
-        try:
-            for name in all_attacks:
-                self.attacks_to_run = [name]
-                results[name] = self.run_standard_evaluation(x_orig, y_orig, bs=bs, return_labels=return_labels)
-        finally:
-            self.attacks_to_run = all_attacks
-        return results
-
-
-def _has_progress(state_path: Path) -> bool:
-    """Whether a pyautoattack state file holds robust flags; one written before them is removed."""
-    if not state_path.exists():
-        return False
-    if json.loads(state_path.read_text()).get("_robust_flags") is None:
-        state_path.unlink()  # the library cannot load it and it holds nothing to resume
-        return False
-    return True
-
-
-def _with_sets(state: object) -> object:
-    """Undo pyautoattack 0.2.0's JSON round trip: the attack set comes back as its str(), the run set as a list."""
-    if isinstance(state._attacks_to_run, str):
-        state._attacks_to_run = set(ast.literal_eval(state._attacks_to_run))
-    state._run_attacks = set(state._run_attacks)
-    return state
+def autoattack_class() -> type:
+    """``autoattack.AutoAttack``: the git package's, or the alias's with the same signature."""
+    install()
+    return importlib.import_module("autoattack").AutoAttack

@@ -90,26 +90,27 @@ def check_compatible(state: dict[str, Any], path: str | os.PathLike, *, arch: st
 
 
 # --------------------------------------------------------------------------------------- loading
-def load_latest_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu"
-                           ) -> tuple[Path, dict[str, Any], list[str]]:
+def load_latest_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                           mmap: bool = False) -> tuple[Path, dict[str, Any], list[str]]:
     """The newest complete checkpoint in a run's ``checkpoints/`` folder: ``(path, state, notes)``.
 
-    ``last.pt`` when it loads; when it is missing or unreadable (copied half-way, damaged disk),
-    the epoch checkpoint with the highest global step. Temp files are never candidates. A file
-    that would need arbitrary pickles is refused rather than skipped. ``notes`` say what was skipped.
+    ``last.pt`` when it loads; when it is missing or unreadable for any reason (copied half-way,
+    damaged disk, empty, random bytes), the epoch checkpoint with the highest global step. Temp
+    files are never candidates. A file that asks for pickled objects (which could run code) is
+    refused rather than skipped. ``notes`` say what was skipped. ``mmap``: see ``load_checkpoint``.
     """
     folder = Path(folder)
     notes: list[str] = []
     last = folder / LAST
     if last.is_file():
         try:
-            return last, load_checkpoint(last, map_location), notes
+            return last, load_checkpoint(last, map_location, mmap=mmap), notes
         except CheckpointUnreadable as e:
             notes.append(str(e))
     best: Optional[tuple[int, Path, dict[str, Any]]] = None
     for path in sorted(folder.glob(EPOCH_GLOB), reverse=True):
         try:
-            state = load_checkpoint(path, map_location)
+            state = load_checkpoint(path, map_location, mmap=mmap)
         except CheckpointUnreadable as e:
             notes.append(str(e))
             continue

@@ -102,6 +102,13 @@ def _from_project_checkpoint(state: Mapping[str, Any], path: Path, weights: str,
         raise UserError(f"{path} has checkpoint format {fmt!r}, this code reads {', '.join(SUPPORTED_FORMATS)} "
                         "(evaluate it with the code version that wrote it)")
     ck_arch, ck_classes = state.get("arch"), state.get("num_classes")
+    lacking = [k for k, ok in (("model", isinstance(state.get("model"), Mapping)), ("arch", isinstance(ck_arch, str)),
+                               ("num_classes", isinstance(ck_classes, int))) if not ok]
+    if state.get("avg_model") is not None and not isinstance(state["avg_model"], Mapping):
+        lacking.append("avg_model")
+    if lacking:
+        raise UserError(f"{path} says it is a {fmt} checkpoint but has no valid {', '.join(lacking)}: it is damaged "
+                        "or was not written by train_at.py (a plain state dict loads with --arch and --dataset)")
     if arch is not None and arch != ck_arch:
         raise UserError(f"--arch {arch} differs from the checkpoint's architecture {ck_arch} in {path}; "
                         "drop --arch to use the checkpoint's")

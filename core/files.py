@@ -3,12 +3,14 @@
 A file is written to a temp file in the same folder (``.NAME.<random>.tmp``, created with the
 user's umask), flushed, fsync'ed and renamed over ``NAME``, then the folder is fsync'ed: a crash at
 any moment leaves the previous complete file or the new complete file, never a partial one, and a
-failed write removes its temp file. A folder is made the same way (:func:`atomic_folder`). This
-module does not import torch.
+failed write removes its temp file. A folder is made the same way (:func:`atomic_folder`). One
+process at a time writes into a run or evaluation folder (:func:`folder_lock`). This module does not
+import torch.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import shutil
@@ -16,7 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Optional
 
+from errors import UserError
+
 TEMP_GLOB = ".*.tmp"  # what a killed write can leave behind (see remove_stale_temp_files)
+LOCK_NAME = ".lock"  # a folder's lock file (see folder_lock); it holds the PID of the process holding it
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -126,17 +131,68 @@ def remove_temp_files(folder: str | os.PathLike, patterns: tuple[str, ...] = (TE
     return sorted(removed)
 
 
-def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Make ``dst`` a hard link to ``src`` (a copy where hard links are not supported), atomically."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
+# --------------------------------------------------------------------------------------- one writer per folder
+class FolderInUse(UserError):
+    """Another living process holds the folder's lock; ``pid`` is its process id (None if unreadable)."""
+
+    def __init__(self, message: str, pid: Optional[int]) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+def _lock_holder(fd: int) -> Optional[int]:
     try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):  # the holder has not written its PID yet
+        return None
+
+
+def _acquire(path: Path, busy: Callable[[Optional[int]], str]) -> Optional[int]:
+    """An open, exclusively flock'ed descriptor of ``path`` holding this PID; None where the file
+    system has no locks. Raises ``FolderInUse`` (message ``busy(pid)``) when another process holds it."""
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _lock_holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise FolderInUse(busy(holder), holder) from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the previous holder removes the file as it releases it: then lock the file now there
+            st, here = os.fstat(fd), os.stat(path)
+            current = (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "the lock file keeps being replaced", str(path))
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, busy: Callable[[Optional[int]], str]) -> Iterator[Optional[Path]]:
+    """Hold an exclusive lock on ``folder`` (an existing folder) for the block: one writer at a time.
+
+    The lock is a non-blocking ``flock`` on ``folder/.lock``, which holds this process's PID. The
+    OS drops it when the process ends in any way (a SIGKILLed run never blocks its own resume);
+    the file is removed on leaving the block. A second process gets ``FolderInUse`` with the
+    message ``busy(pid)`` and changes nothing. Yields the lock file, or None where the file system
+    does not support locks (the block then runs unlocked).
+    """
+    path = Path(folder) / LOCK_NAME
+    fd = _acquire(path, busy)
+    try:
+        yield None if fd is None else path
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while still held: a process waiting on this file retries
+            os.close(fd)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import pickletools
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -20,7 +21,17 @@ from errors import UserError
 from .files import atomic_write
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_UNSAFE_DETAIL = re.compile(r"Unsupported (?:global: GLOBAL [\w.]+|operand \d+|[a-z]+: [\w.]+)")
+# torch's weights_only unpickler names the global a file asks for in one of two forms:
+# "Unsupported global: GLOBAL fractions.Fraction was not an allowed global ..." and
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")  # builtins come without a module: "GLOBAL open"
+# Its other refusals of objects (they follow an allowed global, so random bytes never reach them).
+_OBJECT_REFUSALS = ("Trying to call reduce", "Can only create new object", "Can only build",
+                    "must be imported to load")
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch's pre-1.6 format
+_PICKLE_PROTO = b"\x80"
+_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode")  # what torch's own files ask for
 
 
 class CheckpointUnreadable(UserError):
@@ -56,10 +67,79 @@ def _first_sentence(text: str, limit: int = 160) -> str:
     return lines[0].split(". ")[0].rstrip(".")[:limit] if lines else ""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def _unsafe_detail(message: str) -> Optional[str]:
+    """What a torch file asks for, when torch refused it for asking for objects; None otherwise."""
+    text = _ANSI.sub("", message)
+    found = _GLOBAL.search(text)
+    if found:
+        return f"the pickled global {found.group(1)}"
+    for refusal in _OBJECT_REFUSALS:
+        at = text.find(refusal)
+        if at >= 0:
+            return _first_sentence(text[at:])
+    return None
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals a raw pickle names, read with ``pickletools`` (which only parses, never builds)."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]) if len(strings) >= 2 else "a global")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - truncated or not a pickle: the names seen so far
+        pass
+    return names
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_LEGACY_MAGIC))
+    except OSError:
+        return b""
+
+
+def _refusal(path: Path, error: BaseException, torch_detail: Optional[str]) -> UserError:
+    """Why ``path`` did not load: it asks for objects (``UnsafeCheckpoint``), or it is empty, not a
+    PyTorch file at all, or truncated/damaged (``CheckpointUnreadable``)."""
+    head = _head(path)
+    is_torch_file = head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC
+    if is_torch_file:
+        detail = torch_detail
+    elif head.startswith(_PICKLE_PROTO):  # a raw pickle (pickle.dump, not torch.save)
+        names = _pickled_globals(path)
+        unsafe = [n for n in names if not n.startswith(_SAFE_PREFIXES)] or names
+        detail = f"the pickled global {unsafe[0]}" if unsafe else None
+    else:
+        detail = None
+    if detail is not None:
+        return UnsafeCheckpoint(
+            f"refusing to load {path}: it asks for {detail}, which could run code; "
+            "only load files you trust, re-saved as a plain dict of tensors (model.state_dict())")
+    if not head:
+        return CheckpointUnreadable(f"{path} is empty, not a checkpoint (a write cut short, or the wrong file)")
+    if not is_torch_file:
+        return CheckpointUnreadable(f"{path} is not a checkpoint: it is not a file written by torch.save "
+                                    "(pass a .pt checkpoint or a run folder)")
+    reason = _first_sentence(str(error)) or type(error).__name__
+    return CheckpointUnreadable(f"cannot read checkpoint {path}: {reason} (the file is truncated or damaged)")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; refuse files that need arbitrary pickles.
 
-    Raises ``UnsafeCheckpoint`` (nothing in the file is executed) or ``CheckpointUnreadable``.
+    Raises ``UnsafeCheckpoint`` for a file that asks for pickled objects (nothing in it is executed;
+    the message names the global torch reports) and ``CheckpointUnreadable`` for anything else that
+    does not load (empty, random bytes, a YAML file, truncated). ``mmap=True`` maps the tensors
+    instead of reading them (for a quick look at a large file; ``map_location`` must be the CPU).
     """
     path = Path(path)
     if not path.is_file():
@@ -67,15 +147,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _UNSAFE_DETAIL.search(_ANSI.sub("", str(e)))
-        detail = found.group(0) if found else _first_sentence(str(e))
-        raise UnsafeCheckpoint(
-            f"refusing to load {path}: it needs arbitrary pickled objects, which could run code ({detail}); "
-            "only load files you trust, re-saved as a plain dict of tensors (model.state_dict())") from None
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # also "Unsupported operand 5": bytes that are no pickle of torch's
+        raise _refusal(path, e, _unsafe_detail(str(e))) from None
     except torch.OutOfMemoryError:  # a RuntimeError, but not the file's fault
         raise
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:
-        raise CheckpointUnreadable(f"cannot read checkpoint {path}: {_first_sentence(str(e)) or type(e).__name__} "
-                                   "(the file is truncated or not a PyTorch checkpoint)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+            UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise _refusal(path, e, None) from None

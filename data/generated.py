@@ -21,6 +21,7 @@ ranks is the 1-process global batch, with the same per-sample seeds, for any wor
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
 
 from errors import UserError
 
@@ -95,6 +97,52 @@ def _open_shard(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarr
     return arr
 
 
+_LABEL_CHUNK = 1 << 22  # labels checked at a time (32 MB): 50M labels take a fraction of a second
+_HASH_BLOCK = 1 << 24
+
+
+def _label_counts(labels: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
+    """Per-class counts of a label shard; ``UserError`` naming the first label outside the classes."""
+    counts = np.zeros(num_classes, np.int64)
+    for start in range(0, len(labels), _LABEL_CHUNK):
+        chunk = labels[start:start + _LABEL_CHUNK]
+        if len(chunk) and (chunk.min() < 0 or chunk.max() >= num_classes):
+            i = int(np.flatnonzero((chunk < 0) | (chunk >= num_classes))[0])
+            raise UserError(f"shard {path} holds label {chunk[i]} at position {start + i}, outside the "
+                            f"{num_classes} classes of index.json: the folder is damaged or was converted for "
+                            "another dataset; re-convert it (with --num-classes)")
+        counts += np.bincount(chunk, minlength=num_classes)
+    return counts
+
+
+def verify_shards(folder: PathLike, progress: bool = True) -> None:
+    """Check every shard file's size and SHA-256 against ``index.json`` (reads the whole set once)."""
+    folder = Path(folder)
+    index = read_index(folder)
+    files = [(s[kind], s.get(f"{kind}_sha256"), s.get(f"{kind}_bytes"))
+             for s in index["shards"] for kind in ("images", "labels")]
+    if any(digest is None for _, digest, _ in files):
+        raise UserError(f"{folder / INDEX_NAME} has no SHA-256 digests to verify (an older converter wrote it); "
+                        "re-convert the folder, or train without --verify-generated")
+    total = sum(int(size or 0) for _, _, size in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying shards", disable=not progress,
+              leave=False) as bar:
+        for name, digest, size in files:
+            path = folder / name
+            if not path.is_file() or (size is not None and path.stat().st_size != int(size)):
+                found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+                raise UserError(f"shard {path} is {found}, index.json says {size} bytes: copy the folder again "
+                                "or re-convert it")
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(_HASH_BLOCK):
+                    sha.update(block)
+                    bar.update(len(block))
+            if sha.hexdigest() != digest:
+                raise UserError(f"shard {path} does not match its SHA-256 in index.json: the file is damaged; "
+                                "copy the folder again or re-convert it")
+
+
 class GeneratedDataset(Dataset):
     """Images and labels of a converted generated-data folder, read through memory maps.
 
@@ -110,7 +158,17 @@ class GeneratedDataset(Dataset):
         self.class_counts = list(self.index.get("class_counts", []))
         self._ends = np.cumsum([int(s["count"]) for s in self.index["shards"]])
         self._arrays: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
-        self._shards()  # open every shard now so that a damaged folder fails here, not mid-epoch
+        self._check_labels()  # open every shard now so that a damaged folder fails here, not mid-epoch
+
+    def _check_labels(self) -> None:
+        """Every label is a class of the index, and the per-class counts are the index's (when it has them)."""
+        counts = sum(_label_counts(labels, self.num_classes, self.folder / s["labels"])
+                     for (_, labels), s in zip(self._shards(), self.index["shards"]))
+        expected = self.class_counts
+        if len(expected) == self.num_classes and list(counts) != [int(c) for c in expected]:
+            k = next(i for i, (a, b) in enumerate(zip(counts, expected)) if a != int(b))
+            raise UserError(f"the labels in {self.folder} differ from its index.json (class {k}: {counts[k]} images, "
+                            f"the index says {expected[k]}): the folder is damaged; re-convert it")
 
     def _shards(self) -> list[tuple[np.ndarray, np.ndarray]]:
         if self._arrays is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -9,6 +10,19 @@ import torch.nn.functional as F
 
 # One thread per test process: on a loaded 2-core machine OpenMP spin-waiting makes 2 threads ~10x slower.
 torch.set_num_threads(1)
+
+# The training seed of the session's fixture models. Assertions on their behaviour must hold for any
+# seed and CPU: run the suite with GKL_AT_TEST_SEED=1, 2, ... to check (CI keeps the default 0).
+SEED_VARIABLE = "GKL_AT_TEST_SEED"
+
+
+def fixture_seed() -> int:
+    """The seed in ``$GKL_AT_TEST_SEED`` (default 0)."""
+    text = os.environ.get(SEED_VARIABLE, "0")
+    try:
+        return int(text)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_VARIABLE}={text!r} is not an integer seed") from None
 
 
 def _digits_tensors(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,13 +39,15 @@ def digits_test() -> tuple[torch.Tensor, torch.Tensor]:
     return _digits_tensors(train=False)
 
 
-def _train(adversarial_eps: float, epochs: int, seed: int = 0) -> torch.nn.Module:
+def _train(adversarial_eps: float, epochs: int, seed: Optional[int] = None) -> torch.nn.Module:
     """Train a small-cnn on digits; with eps > 0, PGD-AT (a minimal inline L-inf PGD, 3 steps).
 
     Kept independent of the project's attacks so that attack tests do not grade themselves.
+    ``seed`` defaults to :func:`fixture_seed`.
     """
     from models import build_model
 
+    seed = fixture_seed() if seed is None else seed
     torch.manual_seed(seed)
     x, y = _digits_tensors(train=True)
     model = build_model("small-cnn", num_classes=10)

@@ -65,7 +65,8 @@ def test_clip_exact_removes_rounding_overshoot(norm: str) -> None:
 def test_pgd_lowers_accuracy_and_eps_zero_does_not(robust_digits_model, points) -> None:
     x, y = points
     clean = accuracy(robust_digits_model, x, y)
-    for norm, eps in EPS.items():
+    # drops for fixture seeds 0-5: L-inf 16/255 12-18 points in 100, L2 2.0 33-58 (L2 1.0: as few as 6.5)
+    for norm, eps in {"Linf": EPS["Linf"], "L2": 2.0}.items():
         x_adv = pgd(robust_digits_model, x, y, eps=eps, step=eps / 4, steps=20, norm=norm,
                     generator=torch.Generator().manual_seed(0))
         assert accuracy(robust_digits_model, x_adv, y) < clean - 0.05
@@ -199,10 +200,11 @@ def test_bad_arguments_are_user_errors(points, kwargs: dict) -> None:
 
 
 def test_autoattack_below_pgd_and_flags_match_examples(robust_digits_model, points) -> None:
-    # The full standard version (APGD-CE, APGD-T, FAB-T, Square) on few points. At 40/255 only a
-    # few points survive APGD-CE; FAB-T and Square on survivors dominate the cost (~5000 queries).
+    # The full standard version (APGD-CE, APGD-T, FAB-T, Square) on few points; FAB-T and Square on
+    # survivors dominate the cost (~5000 queries). At 32/255 5 to 10 of the 16 survive for fixture
+    # seeds 0-5 (at 40/255 none did for seed 2), so "0 < robust < clean" has a margin on both sides.
     x, y = points[0][:16], points[1][:16]
-    model, eps = robust_digits_model, 40 / 255
+    model, eps = robust_digits_model, 32 / 255
     rng_before = torch.get_rng_state()
     x_adv, robust = autoattack(model, x, y, eps=eps, version="standard", batch_size=16)
     assert torch.equal(torch.get_rng_state(), rng_before)

@@ -1,4 +1,4 @@
-"""Bad invocations of train_at.py and eval_autoattack.py: exit code 2, one line naming the bad value, no
+"""Bad invocations of train_at.py, eval_autoattack.py and export_robustbench.py: exit code 2, one line naming the bad value, no
 traceback, and nothing on disk changed (every file and folder under the test's folder is hashed).
 
 Most cases call ``main(argv)`` in this process (fast); two run the scripts as the user would, to show
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import eval_autoattack
+import export_robustbench
 import train_at
 from training.trainer import Trainer
 
@@ -43,7 +44,7 @@ Text = Union[str, Callable[[Paths], str]]
 @dataclass(frozen=True)
 class Case:
     id: str
-    tool: str  # "train" or "eval"
+    tool: str  # "train", "eval" or "export"
     argv: Callable[[Paths], list[str]]
     expect: Text  # the offending value, as the one-line message must name it
     setup: Optional[Callable[[Paths], None]] = None
@@ -76,7 +77,6 @@ def _truncated_file(p: Paths) -> None:
 def _truncate_every_checkpoint(p: Paths) -> None:
     for f in (p.run / "checkpoints").glob("*.pt"):
         data = f.read_bytes()
-        f.unlink()  # epoch files are hard links to last.pt
         f.write_bytes(data[:500])
 
 
@@ -86,14 +86,54 @@ def _partial_cifar(p: Paths) -> None:
     (folder / "data_batch_1").write_bytes(b"")
 
 
-def _damaged_generated(p: Paths) -> None:
+def _generated(p: Paths) -> dict:
     from data.convert_generated import convert
 
     rng = np.random.default_rng(0)
     np.savez(p.tmp / "gen.npz", image=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
              label=np.arange(8, dtype=np.int64) % 10)
     index = convert([p.tmp / "gen.npz"], p.tmp / "gen", num_classes=10, progress=False)
-    np.save(p.tmp / "gen" / index["shards"][0]["labels"], np.zeros(8, dtype=np.float32))
+    return index["shards"][0]
+
+
+def _damaged_generated(p: Paths) -> None:
+    np.save(p.tmp / "gen" / _generated(p)["labels"], np.zeros(8, dtype=np.float32))
+
+
+def _generated_labels(labels: list[int]) -> Callable[[Paths], None]:
+    return lambda p: np.save(p.tmp / "gen" / _generated(p)["labels"], np.array(labels, dtype=np.int64))
+
+
+def _generated_flipped_pixel(p: Paths) -> None:
+    images = np.load(p.tmp / "gen" / _generated(p)["images"])
+    images[3, 5, 7, 1] ^= 1
+    np.save(p.tmp / "gen" / "images_00000.npy", images)
+
+
+def _every_checkpoint(make: Callable[[Path], None]) -> Callable[[Paths], None]:
+    return lambda p: [make(f) for f in (p.run / "checkpoints").glob("*.pt")]
+
+
+def _random_bytes(f: Path) -> None:
+    f.write_bytes(np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+
+
+def _without_model(f: Path) -> None:
+    state = torch.load(f, weights_only=True)
+    del state["model"]
+    torch.save(state, f)
+
+
+def _file(name: str, data: bytes = b"", make: Optional[Callable[[Path], None]] = None) -> Callable[[Paths], None]:
+    def setup(p: Paths) -> None:
+        (p.tmp / name).write_bytes(data)
+        if make:
+            make(p.tmp / name)
+    return setup
+
+
+def _project_dict_without_model(f: Path) -> None:
+    torch.save({"format": "gkl-at/1", "arch": "small-cnn", "num_classes": 10, "dataset": "digits"}, f)
 
 
 def _write(name: str, text: str) -> Callable[[Paths], None]:
@@ -179,6 +219,20 @@ TRAIN_CASES = [
          lambda p: str(p.run / "checkpoints"), setup=_truncate_every_checkpoint),
     Case("resume a checkpoint that would run code", "train", lambda p: ["--resume", str(p.run)],
          lambda p: str(p.run / "checkpoints" / "last.pt"), setup=_evil_last),
+    Case("negative eps", "train", lambda p: p.out("--eps", "-8/255"), "'-8/255' is outside [0, 1]"),
+    Case("negative step size", "train", lambda p: p.out("--attack-budget", "fixed", "--attack-step-size", "-2/255"),
+         "-2/255"),
+    Case("resume with only random-bytes checkpoints", "train", lambda p: ["--resume", str(p.run)],
+         "last.pt is not a checkpoint", setup=_every_checkpoint(_random_bytes)),
+    Case("resume a checkpoint without its model", "train", lambda p: ["--resume", str(p.run)], "lacks model",
+         setup=_every_checkpoint(_without_model)),
+    Case("generated labels outside the classes", "train", lambda p: p.out("--generated", str(p.tmp / "gen")),
+         "label 12 at position 2", setup=_generated_labels([0, 1, 12, 3, 4, 5, 6, 7])),
+    Case("generated labels unlike the index", "train", lambda p: p.out("--generated", str(p.tmp / "gen")),
+         "differ from its index.json (class 0: 2 images", setup=_generated_labels([0, 1, 0, 3, 4, 5, 6, 7])),
+    Case("generated shard fails its digest", "train",
+         lambda p: p.out("--generated", str(p.tmp / "gen"), "--verify-generated", "--no-progress"),
+         lambda p: f"{p.tmp / 'gen' / 'images_00000.npy'} does not match its SHA-256", setup=_generated_flipped_pixel),
 ]
 
 EVAL_CASES = [
@@ -219,9 +273,21 @@ EVAL_CASES = [
                     "--corruptions", "fog"], "labels.npy 25 labels", setup=_corrupted(labels=25)),
     Case("eval: folder without checkpoints", "eval", lambda p: [str(p.tmp / "empty")], lambda p: str(p.tmp / "empty"),
          setup=_mkdir("empty")),
+    Case("eval: random bytes as checkpoint", "eval", lambda p: [str(p.tmp / "noise.pt")], "noise.pt is not a checkpoint",
+         setup=_file("noise.pt", make=_random_bytes)),
+    Case("eval: YAML file as checkpoint", "eval", lambda p: [str(p.tmp / "c.yaml")], "c.yaml is not a checkpoint",
+         setup=_write("c.yaml", "arch: small-cnn\nepochs: 3\n")),
+    Case("eval: empty checkpoint", "eval", lambda p: [str(p.tmp / "e.pt")], "e.pt is empty, not a checkpoint",
+         setup=_file("e.pt")),
+    Case("eval: project dict without model", "eval", lambda p: [str(p.tmp / "m.pt")], "has no valid model",
+         setup=_file("m.pt", make=_project_dict_without_model)),
+    Case("eval: negative eps", "eval", lambda p: [str(p.run), "--eps", "4", "-8/255"], "'-8/255' is outside [0, 1]"),
+    Case("export: negative eps", "export", lambda p: [str(p.run), "--eps", "-8/255"], "'-8/255' is outside [0, 1]"),
+    Case("export: project dict without model", "export", lambda p: [str(p.tmp / "m.pt"), "--allow-unevaluated"],
+         "has no valid model", setup=_file("m.pt", make=_project_dict_without_model)),
 ]
 
-MAINS = {"train": train_at.main, "eval": eval_autoattack.main}
+MAINS = {"train": train_at.main, "eval": eval_autoattack.main, "export": export_robustbench.main}
 
 
 # --------------------------------------------------------------------------------------- fixtures

@@ -63,17 +63,19 @@ def test_run_folder_end_to_end_then_resume(run_dir, capsys):
 def test_plain_state_dict_with_arch(tmp_path, digits_model, digits_test):
     path = tmp_path / "weights.pt"
     torch.save(digits_model.state_dict(), path)
-    args = [str(path), "--arch", "small-cnn", "--dataset", "digits", "--eps", "2/255", "--attacks", "pgd10",
+    # 8/255: a normally trained small-cnn loses most of its 32 points there on any CPU and seed (at 2/255 none
+    # broke on an AMD EPYC); the test is about the saved examples of the points that break
+    args = [str(path), "--arch", "small-cnn", "--dataset", "digits", "--eps", "8/255", "--attacks", "pgd10",
             "--n-ex", "32", "--quiet", "--save-adv"]
     assert eval_autoattack.main(args) == 0
     out_dir = tmp_path / "eval_weights"
     report = json.loads((out_dir / "report.json").read_text())
     assert report["model"]["kind"] == "state_dict"
-    adv = torch.load(out_dir / "adv" / "pgd10_2over255.pt", weights_only=True)
+    adv = torch.load(out_dir / "adv" / "pgd10_8over255.pt", weights_only=True)
     broken = len(adv["indices"])
     assert broken == report["clean_count"] - report["results"][0]["robust_count"] > 0
     x = digits_test[0][adv["indices"]]
-    assert (adv["x_adv"] - x).abs().amax() <= 2 / 255 + 1e-6
+    assert (adv["x_adv"] - x).abs().amax() <= 8 / 255 + 1e-6
     with torch.no_grad():
         assert (digits_model(adv["x_adv"]).argmax(1) != adv["labels"]).all()
 
@@ -109,3 +111,22 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, run_dir, digits_model, capsys
         assert expected in lines[0], (case, lines[0])
         assert "Traceback" not in err
     assert _tree_digest(tmp_path) == before  # nothing written, nothing damaged
+
+
+def test_n_ex_beyond_the_split_is_said_and_reports_follow_the_umask(run_dir, capsys):
+    import os
+
+    old = os.umask(0o027)  # mkstemp-style writers would give 0600 whatever the umask
+    try:
+        assert eval_autoattack.main([str(run_dir), "--attacks", "clean", "--n-ex", "100000", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    summary = capsys.readouterr().out.strip()
+    assert "n=360" in summary and "--n-ex 100000 > the 360 points of the split: all 360 evaluated" in summary, summary
+    out = run_dir / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["n"] == 360 and report["data"]["n_ex"] == 100000
+    assert "all 360 points (--n-ex 100000 asked for more" in report["data"]["description"]
+    assert "all 360 points (--n-ex 100000 asked for more" in (out / "report.md").read_text()
+    for name in ("report.json", "report.md", "table_eps.csv", "per_sample.csv"):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name

@@ -65,7 +65,7 @@ def _direct(model, x, y, fn, eps, steps, name, batch_size, seed=0):
 
 def test_suite_equals_direct_attack_calls(robust_digits_model, points):
     x, y = points
-    eps = 8 / 255
+    eps = 24 / 255  # PGD-10 leaves 41 to 51 of the 64 points for fixture seeds 0-5 (at 8/255 all 64 for seed 2)
     settings = SuiteSettings.build([eps], ["pgd10", "cw10"], seed=3, batch_size=24)
     result = run_suite(robust_digits_model, x, y, settings, progress=False)
     with torch.no_grad():
@@ -115,7 +115,19 @@ def test_worst_is_every_attack_failing(multi_eps):
         expected = r.clean & r.robust(eps, "pgd10") & r.robust(eps, "cw10")
         assert torch.equal(r.robust(eps, "worst"), expected)
         assert r.accuracy(eps, "worst") <= min(r.accuracy(eps, "pgd10"), r.accuracy(eps, "cw10"))
-    assert any(r.accuracy(e, "worst") < r.accuracy(e, "cw10") for e in r.settings.eps)
+    # PGD and CW rarely disagree on this model (0 to 2 of 64 points, depending on the fixture seed), so
+    # the case where they do is built: worst is robust only where both failed, below either attack
+    from evaluation.results import AttackResult, SuiteResult
+
+    eps = 8 / 255
+    flags = {"pgd10": [True, True, False, False, True], "cw10": [True, False, True, False, True]}
+    built = SuiteResult(SuiteSettings.build([eps], list(flags)), torch.zeros(5, dtype=torch.long),
+                        torch.tensor([True, True, True, True, False]))
+    for name, f in flags.items():
+        built.results[(built.settings.eps[0], name)] = AttackResult(name, built.settings.eps[0], torch.tensor(f), 4,
+                                                                    0.0, 0)
+    assert built.robust(eps, "worst").tolist() == [True, False, False, False, False]
+    assert built.accuracy(eps, "worst") < min(built.accuracy(eps, "pgd10"), built.accuracy(eps, "cw10"))
 
 
 def test_first_eps_of_a_multi_eps_run_equals_a_single_eps_run(robust_digits_model, points, multi_eps):

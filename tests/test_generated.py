@@ -212,6 +212,43 @@ def test_dataset_rejects_missing_or_damaged_folders(tmp_path):
         GeneratedDataset(tmp_path / "out")
 
 
+def test_labels_are_checked_when_the_set_is_opened(tmp_path, monkeypatch):
+    import data.generated as generated
+
+    _, labels = _small_npz(tmp_path / "a.npz", 50, seed=1)
+    index = convert([tmp_path / "a.npz"], tmp_path / "out", shard_size=20, progress=False)
+    assert len(GeneratedDataset(tmp_path / "out")) == 50
+    monkeypatch.setattr(generated, "_LABEL_CHUNK", 7)  # the scan goes chunk by chunk: positions must add up
+    shard = tmp_path / "out" / index["shards"][1]["labels"]
+    bad = np.load(shard)
+    bad[16] = 10
+    np.save(shard, bad)
+    with pytest.raises(UserError, match=r"labels_00001.npy holds label 10 at position 16, outside the 10 classes"):
+        GeneratedDataset(tmp_path / "out")
+    bad[16] = (labels[36] + 1) % 10  # in range, but then the class counts are not the index's
+    np.save(shard, bad)
+    with pytest.raises(UserError, match="differ from its index.json"):
+        GeneratedDataset(tmp_path / "out")
+
+
+def test_verify_shards_checks_sizes_and_digests(tmp_path):
+    from data.generated import verify_shards
+
+    _small_npz(tmp_path / "a.npz", 30, seed=2)
+    index = convert([tmp_path / "a.npz"], tmp_path / "out", shard_size=20, progress=False)
+    verify_shards(tmp_path / "out", progress=False)
+    images = tmp_path / "out" / index["shards"][1]["images"]
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF
+    images.write_bytes(bytes(data))
+    GeneratedDataset(tmp_path / "out")  # opening checks shapes and labels, not every pixel
+    with pytest.raises(UserError, match="images_00001.npy does not match its SHA-256"):
+        verify_shards(tmp_path / "out", progress=False)
+    images.write_bytes(bytes(data[:-1]))
+    with pytest.raises(UserError, match=r"images_00001.npy is \d+ bytes, index.json says \d+ bytes"):
+        verify_shards(tmp_path / "out", progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler
 

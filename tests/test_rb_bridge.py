@@ -38,7 +38,7 @@ def test_install_is_idempotent_and_robustbench_imports() -> None:
 def test_resource_filename_shim_matches_module_directory() -> None:
     import robustbench.loaders as loaders  # noqa: F401  (after install, from the test above or here)
 
-    path = rb_bridge._resource_filename("robustbench.loaders", "loaders.py")
+    path = rb_bridge.compat()._resource_filename("robustbench.loaders", "loaders.py")
     assert Path(path).is_file()
 
 
@@ -121,3 +121,99 @@ def test_bridge_resumes_a_partial_state_file(digits_model, digits_test, tmp_path
         assert (digits_model(x_adv[broken]).argmax(1) != y[broken]).all()
     assert (y_adv[broken] != y[broken]).all()
     assert ((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
+
+
+# --------------------------------------------------------------------------------------- the compat distribution
+ROOT = Path(__file__).resolve().parents[1]
+_HEAVY = ("torch", "pyautoattack", "autoattack", "robustbench", "pkg_resources")
+
+
+def _python(code: str, cwd: Path, pythonpath: str | None = None, flags: tuple[str, ...] = ()) -> str:
+    """Run ``code`` in a fresh interpreter of this environment, outside the repository; its stdout."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    proc = subprocess.run([sys.executable, *flags, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_robustbench_imports_in_a_fresh_interpreter_with_no_preparation(tmp_path: Path) -> None:
+    code = ("import sys; print(sorted(m for m in %r if m in sys.modules))\n"
+            "import robustbench\nfrom robustbench import load_model\nfrom robustbench.eval import benchmark\n"
+            "import autoattack, autoattack.state, gkl_at_compat\n"
+            "print(autoattack._gkl_at_bridge, gkl_at_compat.uses_git_autoattack(), 'errors' in sys.modules)\n"
+            "print(robustbench.eval.AutoAttack.__module__, robustbench.eval.EvaluationState.__module__)" % (_HEAVY,))
+    lines = _python(code, cwd=tmp_path).splitlines()
+    assert lines[0] == "[]"  # the start-up hook only appends a finder: nothing heavy is imported
+    assert lines[1] == "True False False"  # the alias, and nothing of this project (no `errors` module)
+    assert lines[2] == "gkl_at_compat.alias autoattack.state"
+
+
+def test_a_git_autoattack_on_the_path_wins_over_the_alias(tmp_path: Path) -> None:
+    fake = tmp_path / "site" / "autoattack"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("GIT = True\n\nclass AutoAttack:\n    pass\n")
+    (fake / "state.py").write_text("class EvaluationState:\n    pass\n")
+    code = ("import autoattack, robustbench.eval, gkl_at_compat\n"
+            "print(autoattack.GIT, robustbench.eval.AutoAttack is autoattack.AutoAttack, "
+            "gkl_at_compat.uses_git_autoattack(), hasattr(autoattack, '_gkl_at_bridge'))")
+    assert _python(code, cwd=tmp_path, pythonpath=str(tmp_path / "site")).split() == ["True"] * 3 + ["False"]
+
+
+def test_pkg_resources_stand_in_where_setuptools_lacks_it(tmp_path: Path) -> None:
+    code = ("import sys, importlib.machinery as m\n"
+            "class Hide(m.PathFinder):  # setuptools >= 81: the path holds no pkg_resources\n"
+            "    @classmethod\n"
+            "    def find_spec(cls, name, path=None, target=None):\n"
+            "        return None if name == 'pkg_resources' else super().find_spec(name, path, target)\n"
+            "sys.meta_path[sys.meta_path.index(m.PathFinder)] = Hide\n"
+            "import robustbench.loaders, pkg_resources\n"
+            "print(pkg_resources._gkl_at_bridge, pkg_resources.resource_filename('robustbench.loaders', 'x.json') "
+            "== robustbench.loaders.__file__.rsplit('/', 1)[0] + '/x.json')")
+    assert _python(code, cwd=tmp_path).split() == ["True", "True"]
+
+
+def test_the_bridge_uses_the_repository_copy_where_the_distribution_is_absent(tmp_path: Path) -> None:
+    import site
+
+    code = ("import sys\n"
+            "class Absent:\n"
+            "    @staticmethod\n"
+            "    def find_spec(name, path=None, target=None):\n"
+            "        if name == 'gkl_at_compat':\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Absent)\n"
+            "from attacks import rb_bridge\n"
+            "rb_bridge.install()\n"
+            "import robustbench.eval\n"
+            "print(rb_bridge.compat().__file__, robustbench.eval.AutoAttack is rb_bridge.autoattack_class())")
+    # -S: no .pth start-up hook; the site-packages folders come back through PYTHONPATH
+    path = ":".join([str(ROOT), *site.getsitepackages()])
+    compat_file, same = _python(code, cwd=tmp_path, pythonpath=path, flags=("-S",)).split()
+    assert compat_file == str(ROOT / "compat" / "gkl_at_compat" / "__init__.py") and same == "True"
+
+
+def test_a_change_to_the_compat_sources_reinstalls_it(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "compat", tmp_path / "compat")
+
+    def stamp() -> str:
+        out = subprocess.run(["make", "-n", "install"], cwd=tmp_path, capture_output=True, text=True, check=True)
+        return [w for w in out.stdout.split() if ".installed-" in w][-1]  # the touched stamp
+
+    first = stamp()
+    with open(tmp_path / "compat" / "gkl_at_compat" / "alias.py", "a") as f:
+        f.write("# changed\n")
+    assert stamp() != first
+    assert "./compat" in (ROOT / "requirements.txt").read_text().split()

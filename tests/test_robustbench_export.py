@@ -307,3 +307,31 @@ def test_claim_end_to_end_offline(runs, fake_cifar_root, tmp_path, monkeypatch, 
     info = json.loads((out / "model_info" / "cifar10" / "Linf" / f"{run.name}.json").read_text())
     assert (info["clean_acc"], info["autoattack_acc"]) == (claim["clean_acc"], claim["autoattack_acc"])
     assert json.loads((out / "export.json").read_text())["boards"]["Linf"]["model_info_figures"] == "claim"
+
+
+def test_export_files_follow_the_umask(tmp_path) -> None:
+    import os
+
+    run, _, _ = _make_run(tmp_path, "wrn-10-1", "cifar10", 10, seed=4)
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        assert export_robustbench.main([str(run), "--out", str(out), "--allow-unevaluated", "--device", "cpu"]) == 0
+    finally:
+        os.umask(old)
+    written = [out / "export.json", out / "zoo_entry.py", out / "model_info" / "cifar10" / "Linf" / f"{run.name}.json",
+               out / "models" / "cifar10" / "Linf" / f"{run.name}.pt"]
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: 0o640 for p in written}
+
+
+def test_a_run_without_averaged_weights_is_one_note_line(tmp_path, capsys) -> None:
+    from checkpoints.io import load_checkpoint
+
+    run, _, _ = _make_run(tmp_path, "wrn-10-1", "cifar10", 10, seed=5)
+    last = run / "checkpoints" / "last.pt"
+    save_checkpoint({**load_checkpoint(last), "avg_model": None}, last)
+    assert export_robustbench.main([str(run), "--out", str(tmp_path / "out")]) == 2  # not evaluated yet
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "Warning" not in "".join(err), err
+    assert err[0] == "note: last.pt has no averaged weights (averaging off or not started): using the raw weights"
+    assert err[1].startswith("error: no evaluation found")

@@ -25,7 +25,7 @@ from checkpoints.io import (
     write_failure,
 )
 from core.device import resolve_device
-from core.files import atomic_link
+from core.files import atomic_copy
 from core.provenance import code_version
 from core.threat import eps_text
 from data import NUM_CLASSES
@@ -40,6 +40,8 @@ from .logging import History
 from .schedules import AttackBudget, attack_budget, config_lr, config_momentum
 
 CHECKPOINT_FORMAT = "gkl-at/1"
+RESUME_KEYS = ("model", "optimizer", "bank", "avg_model", "avg_count", "epoch", "step_in_epoch", "global_step",
+               "epoch_sums", "history", "best", "rng")
 LOG_EVERY = 20  # steps between progress-bar updates (each costs one host-device sync)
 
 
@@ -289,7 +291,10 @@ class Trainer:
         }
 
     def save(self, *, epoch_end: bool, is_best: bool = False) -> None:
-        """Atomically write ``last.pt`` (plus ``best.pt`` and rolling ``epoch_NNNN.pt`` at epoch ends)."""
+        """Atomically write ``last.pt`` (plus ``best.pt`` and rolling ``epoch_NNNN.pt`` at epoch ends).
+
+        The epoch and best files are copies, not links: a damaged ``last.pt`` leaves them intact.
+        """
         state = self.state_dict()
         bad = nonfinite_entries({k: state[k] for k in ("model", "avg_model", "optimizer", "bank", "epoch_sums")})
         if bad:
@@ -303,13 +308,13 @@ class Trainer:
         try:
             if epoch_end:
                 target = folder / f"epoch_{self.epoch:04d}.pt"
-                atomic_link(last, target)
+                atomic_copy(last, target)
+                olds = sorted(folder.glob("epoch_*.pt"))[: -self.cfg.keep_checkpoints or None]
+                for old in olds if self.cfg.keep_checkpoints else []:  # before best's copy: less disk at the peak
+                    old.unlink(missing_ok=True)
                 if is_best:
                     target = folder / "best.pt"
-                    atomic_link(last, target)
-                olds = sorted(folder.glob("epoch_*.pt"))[: -self.cfg.keep_checkpoints or None]
-                for old in olds if self.cfg.keep_checkpoints else []:
-                    old.unlink(missing_ok=True)
+                    atomic_copy(last, target)
             target = self.history.csv_path
             self.history.write()
         except OSError as e:  # last.pt is complete; only the extras failed
@@ -332,6 +337,10 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise UserError(f"{path} is not a training checkpoint of this project (format {fmt!r})")
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise UserError(f"{path} is a damaged training checkpoint: it lacks {', '.join(missing)}; "
+                            "resume from an epoch_NNNN.pt (move last.pt away) or start a new run")
         check_compatible(state, path, arch=self.cfg.arch, num_classes=self.num_classes)
         try:
             self.model.load_state_dict(state["model"])
