@@ -4,8 +4,12 @@
     python eval_autoattack.py model.pt --arch wrn-34-10 --dataset cifar100 --eps 8/255 --attacks aa
     python eval_autoattack.py --robustbench-model Carmon2019Unlabeled --model-dir ~/models --attacks aa
 
+    torchrun --nproc_per_node 8 eval_autoattack.py runs/c100-gkl --attacks aa   # points sharded over 8 GPUs
+
 Writes report.json / report.md / table_eps.csv / table_attacks.csv / per_sample.csv /
 robust_vs_eps.png into --out (default RUN/eval). ``--resume`` continues an interrupted run.
+Under torchrun every process attacks its share of the points' chunks and rank 0 writes the
+reports, identical to a single process's (evaluation.sharding).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from checkpoints.run import WEIGHTS
     from data import DATASETS
     from evaluation.inputs import SPLITS
+    from evaluation.sharding import DEFAULT_CHUNK_SIZE
     from evaluation.spec import EXAMPLES
     from core.threat import NORMS
 
@@ -44,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ex", type=int, default=None, help="evaluate the first N points (default all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help=f"points per chunk, the unit of work, seeding and resume (default {DEFAULT_CHUNK_SIZE}); "
+                        "results depend on it, never on the number of processes")
     p.add_argument("--norm", choices=NORMS, default=None, help="default: the run's training norm, else Linf")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default=None, help="default: the run's data_dir, else ./datasets")
@@ -70,7 +78,7 @@ def _validate(args: argparse.Namespace):
         raise UserError(f"--n-ex must be a positive number of images, got {args.n_ex}")
     eps = [parse_eps(e) for e in args.eps]
     return SuiteSettings.build(eps, args.attacks, norm=args.norm or "Linf", seed=args.seed,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, chunk_size=args.chunk_size)
 
 
 def _load(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]]:
@@ -103,42 +111,58 @@ def _identity(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     stat = path.stat() if path.is_file() else None
     return {"model": {k: info.get(k) for k in ("path", "kind", "arch", "epoch", "global_step", "weights")},
             "file": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None,
-            "data": {k: data[k] for k in ("dataset", "split", "n")}}
+            "data": {k: data[k] for k in ("dataset", "split", "n", "points")}}
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, load, evaluate, write reports; returns the exit code."""
     from evaluation import ResultStore, environment_info, load_eval_data, run_suite, summary_line, write_reports
     from core.device import resolve_device
+    from evaluation import sharding
+    from evaluation.inputs import points_identity
     from evaluation.results import SuiteSettings
+    from evaluation.store import check_resume
 
     settings = _validate(args)
-
-    device = resolve_device(args.device)
+    world = sharding.env_world_size()
+    device = sharding.device_for(resolve_device(args.device), world)
     start = time.perf_counter()
     model, info = _load(args, device)
     config = info.get("config") or {}
     if args.norm is None and config.get("norm"):
         settings = SuiteSettings.build(settings.eps, [a.name for a in settings.attacks], norm=config["norm"],
-                                       seed=settings.seed, batch_size=settings.batch_size)
+                                       seed=settings.seed, batch_size=settings.batch_size,
+                                       chunk_size=settings.chunk_size)
     dataset = args.dataset or info.get("dataset") or config.get("dataset")
     if dataset is None:
         raise UserError("cannot tell which dataset this model was trained on: pass --dataset")
     data_dir = args.data_dir or config.get("data_dir") or "./datasets"
     x, y = load_eval_data(dataset, args.split, data_dir, args.n_ex)
     data = {"dataset": dataset, "split": args.split, "n": len(y), "n_ex": args.n_ex, "data_dir": data_dir,
-            "description": f"{dataset} {args.split} split, first {len(y)} points"}
+            "description": f"{dataset} {args.split} split, first {len(y)} points", "points": points_identity(x, y)}
     out = _default_out(args)
-    store = ResultStore(out / "cache", _identity(info, data), resume=args.resume)
-    _echo(args, settings, info, data, out)
-    result = run_suite(model, x, y, settings, store=store, adv_dir=(out / "adv") if args.save_adv else None,
-                       progress=not args.quiet)
-    meta = {"model": dict(info), "data": data, "environment": environment_info(device),
-            "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
-            "wall_seconds": round(time.perf_counter() - start, 2)}
-    paths = write_reports(result, out, meta)
-    print(f"{summary_line(result)} | report: {paths['markdown']}")
-    return 0
+    sharding.check_world_size(len(y), settings.chunk_size, world)
+    if args.resume:
+        check_resume(out / "cache", list(settings.eps), settings.chunk_size)
+    shard = sharding.start(device)
+    try:
+        store = ResultStore(out / "cache", _identity(info, data), resume=args.resume)
+        if shard.is_main:
+            store.write_manifest(list(settings.eps), settings.chunk_size)
+            _echo(args, settings, info, data, out)
+        result = run_suite(model, x, y, settings, store=store, adv_dir=(out / "adv") if args.save_adv else None,
+                           progress=not args.quiet, shard=shard)
+        if not shard.is_main:
+            return 0
+        meta = {"model": dict(info), "data": data,
+                "environment": {**environment_info(device), "processes": shard.world_size},
+                "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
+                "wall_seconds": round(time.perf_counter() - start, 2)}
+        paths = write_reports(result, out, meta)
+        print(f"{summary_line(result)} | report: {paths['markdown']}")
+        return 0
+    finally:
+        sharding.stop()
 
 
 def _echo(args: argparse.Namespace, settings, info: dict[str, Any], data: dict[str, Any], out: Path) -> None:
@@ -162,12 +186,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.argv = argv
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from evaluation.sharding import env_rank
+
+        if env_rank() == 0:  # under torchrun every process finds the same mistake; one says it
+            print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except KeyboardInterrupt:
-        print("interrupted: finished (eps, attack) results are kept; rerun with --resume", file=sys.stderr)
+        print("interrupted: finished (eps, attack, chunk) results are kept; rerun with --resume", file=sys.stderr)
         return 130
 
 

@@ -104,6 +104,15 @@ def _mkdir(name: str) -> Callable[[Paths], None]:
     return lambda p: (p.tmp / name).mkdir()
 
 
+def _saved_eval(eps: list[float], chunk_size: int) -> Callable[[Paths], None]:
+    """An earlier evaluation's cache in the run's default --out, as the store leaves it."""
+    def setup(p: Paths) -> None:
+        from evaluation.store import ResultStore
+
+        ResultStore(p.run / "eval" / "cache", {}).write_manifest(eps, chunk_size)
+    return setup
+
+
 def _bad_run_config(p: Paths) -> None:
     (p.run / "config.yaml").write_text("arch: [small-cnn\nepochs: 3\n")
 
@@ -182,6 +191,14 @@ EVAL_CASES = [
     Case("eval: unknown split", "eval", lambda p: [str(p.run), "--split", "nope"], "nope"),
     Case("eval: folder without checkpoints", "eval", lambda p: [str(p.tmp / "empty")], lambda p: str(p.tmp / "empty"),
          setup=_mkdir("empty")),
+    Case("eval: more processes than chunks", "eval", lambda p: [str(p.run), "--n-ex", "8", "--chunk-size", "4"],
+         "3 processes but --chunk-size 4 splits the 8 points into 2 chunk(s)", env={"WORLD_SIZE": "3"}),
+    Case("eval: world size not a number", "eval", lambda p: [str(p.run)], "two", env={"WORLD_SIZE": "two"}),
+    Case("eval: chunk size 0", "eval", lambda p: [str(p.run), "--chunk-size", "0"], "--chunk-size must be >= 1"),
+    Case("eval: resume with another chunk size", "eval", lambda p: [str(p.run), "--resume", "--chunk-size", "8"],
+         "was made with --chunk-size 4", setup=_saved_eval([8 / 255], 4)),
+    Case("eval: resume with other eps", "eval", lambda p: [str(p.run), "--resume", "--eps", "8", "--chunk-size", "4"],
+         "made for --eps 8/255 16/255", setup=_saved_eval([8 / 255, 16 / 255], 4)),
 ]
 
 MAINS = {"train": train_at.main, "eval": eval_autoattack.main}

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -23,6 +25,18 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 when absent), checked before any process group exists."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={text!r} is not a number of processes: launch with torchrun") from None
+    if world < 1:
+        raise UserError(f"WORLD_SIZE={world} must be at least 1")
+    return world
 
 
 def init_from_env(device_type: str) -> DistInfo:
