@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -24,6 +25,9 @@ from errors import UserError
 from .store import stable_hash
 
 DEFAULT_CHUNK_SIZE = 250  # 10,000 points: 40 chunks, 5 per GPU on 8 GPUs
+# A process that has attacked its chunks waits in the final gather for the slowest one; AutoAttack's
+# cost per chunk varies with its robust points, so that wait can exceed torch's default timeout.
+GATHER_TIMEOUT = timedelta(hours=48)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ def start(device: torch.device) -> Shard:
 
     if env_world_size() == 1:
         return Shard()
-    info = init_from_env(device.type)
+    info = init_from_env(device.type, timeout=GATHER_TIMEOUT)
     return Shard(info.rank, info.world_size)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -39,13 +41,17 @@ def world_size_from_env() -> int:
     return world
 
 
-def init_from_env(device_type: str) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else single process."""
+def init_from_env(device_type: str, timeout: Optional[timedelta] = None) -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else single process.
+
+    ``timeout`` bounds how long a collective waits for the slowest rank (torch's default if None).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        extra = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **extra)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
