@@ -6,7 +6,7 @@
 
     torchrun --nproc_per_node 8 eval_autoattack.py runs/c100-gkl --attacks aa   # points sharded over 8 GPUs
 
-Writes report.json / report.md / table_eps.csv / table_attacks.csv / per_sample.csv /
+Writes report.json / report.md / table_eps.csv / table_attacks.csv / per_sample.csv / per_class.csv /
 robust_vs_eps.png into --out (default RUN/eval). ``--resume`` continues an interrupted run.
 Under torchrun every process attacks its share of the points' chunks and rank 0 writes the
 reports, identical to a single process's (evaluation.sharding).

@@ -222,15 +222,16 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Suit
     """Evaluate ``model`` on ``(x, y)`` (images in [0, 1]) with every attack at every eps.
 
     ``store`` caches finished (eps, attack, chunk) results and AutoAttack state (resumable runs);
-    ``adv_dir`` saves the adversarial examples. ``shard`` (default: the initialised process group,
-    else one process) says which chunks this process attacks; every process gets the whole result.
-    The sanity checks' warnings are in the result.
+    ``adv_dir`` saves the adversarial examples. ``shard`` says which chunks this process attacks
+    (default: all, one process); with ``Shard.current()`` every process of the initialised group
+    must call this, and every process gets the whole result. The sanity checks' warnings are in
+    the result.
     """
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
     if adv_dir is not None:
         Path(adv_dir).mkdir(parents=True, exist_ok=True)
-    shard = shard or Shard.current()
+    shard = shard or Shard()
     runner = _Runner(model, x, y.to(x.device), settings, store, Path(adv_dir) if adv_dir else None, progress, shard)
     with fp32_eval(model, runner.device):
         result = runner.run()
