@@ -35,7 +35,8 @@ RUN_ONE = AA_MODULE._run_one_attack
 MAKE = AA_MODULE._make_adversary
 ARGS = ["--eps", "8", "16", "--attacks", "pgd10", "cw10", "aa:apgd-ce,apgd-t", "--n-ex", "20", "--chunk-size", "6",
         "--batch-size", "4", "--device", "cpu", "--quiet"]
-COMPONENTS = 2 * 4 * 2  # eps x chunks x AutoAttack components: calls of an uninterrupted run
+AA = "aa:apgd-ce,apgd-t"
+CHUNKS = [range(0, 6), range(6, 12), range(12, 18), range(18, 20)]
 KILL_AT = 4  # rank 1's 4th component: chunk 3's APGD-T at 8/255
 
 
@@ -160,17 +161,31 @@ def test_the_flags_are_not_trivial(runs):
 
     root, _ = runs
     flags = pd.read_csv(root / "w1" / "per_sample.csv", index_col=0)
-    aa = flags["aa:apgd-ce,apgd-t@16/255"]
+    aa = flags[f"{AA}@16/255"]
     assert 0 < aa.sum() < flags["clean"].sum()  # AutoAttack broke some points and not all
-    assert (flags["aa:apgd-ce,apgd-t@16/255"] <= flags["aa:apgd-ce,apgd-t@8/255"]).all()
+    assert (flags[f"{AA}@16/255"] <= flags[f"{AA}@8/255"]).all()
     report = json.loads((root / "w3" / "report.json").read_text())
     assert report["environment"]["processes"] == 3 and report["settings"]["chunk_size"] == 6
 
 
+def _components(root: Path) -> int:
+    """AutoAttack components an uninterrupted run calls: 2 per (eps, chunk) with points left to attack."""
+    import pandas as pd
+
+    flags = pd.read_csv(root / "w1" / "per_sample.csv", index_col=0)
+    before = [flags["clean"], flags[f"{AA}@8/255"]]  # AutoAttack's candidates at 8/255, then at 16/255
+    return sum(2 for candidates in before for chunk in CHUNKS if candidates.iloc[list(chunk)].any())
+
+
 def test_every_component_runs_once_and_a_resume_continues_inside_the_killed_chunk(runs):
-    _, calls = runs
-    assert calls["w1"] == calls["w2"] == calls["w3"] == COMPONENTS
-    # Rank 1 finished 3 components before it died (chunk 1 at 8/255, and chunk 3's APGD-CE) and
-    # rank 0 some more: a resume redoes none of them, so at most 16 - 3 components run again.
-    assert calls["resume2"] <= COMPONENTS - (KILL_AT - 1)
-    assert calls["resume1"] <= COMPONENTS - (KILL_AT - 1)
+    root, calls = runs
+    total = _components(root)
+    assert total > 8 and calls["w1"] == calls["w2"] == calls["w3"] == total
+    # Rank 1 (chunks 1 and 3) finished 3 components before it died: chunk 1's two at 8/255 and chunk
+    # 3's APGD-CE; rank 0 some more. A resume redoes none of them, so at most total - 3 run again.
+    import pandas as pd
+
+    flags = pd.read_csv(root / "w1" / "per_sample.csv", index_col=0)["clean"]
+    assert flags.iloc[list(CHUNKS[1])].any() and flags.iloc[list(CHUNKS[3])].any()  # the premise of KILL_AT
+    assert calls["resume2"] <= total - (KILL_AT - 1)
+    assert calls["resume1"] <= total - (KILL_AT - 1)
