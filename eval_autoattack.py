@@ -5,9 +5,13 @@
     python eval_autoattack.py --robustbench-model Carmon2019Unlabeled --model-dir ~/models --attacks aa
     python eval_autoattack.py runs/c10-gkl --norm Linf L2 L1 --attacks clean aa corruptions --data-dir ~/data
 
-Writes report.json / report.md / table_eps.csv / table_attacks.csv / per_sample.csv /
+    torchrun --nproc_per_node 8 eval_autoattack.py runs/c100-gkl --attacks aa   # points sharded over 8 GPUs
+
+Writes report.json / report.md / table_eps.csv / table_attacks.csv / per_sample.csv / per_class.csv /
 robust_vs_eps.png into --out (default RUN/eval); further norms and the corruptions add a section
 to report.json and report.md and their own files. ``--resume`` continues an interrupted run.
+Under torchrun every process attacks its share of the points' chunks and rank 0 writes the
+reports, identical to a single process's (evaluation.sharding).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import argparse
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -30,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data import DATASETS
     from evaluation.corruptions import CORRUPTIONS_ATTACK
     from evaluation.inputs import SPLITS
+    from evaluation.sharding import DEFAULT_CHUNK_SIZE
     from evaluation.spec import EXAMPLES
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --attacks corruptions: a subset of the 15 (default all: RobustBench's figure)")
     p.add_argument("--severities", nargs="+", type=int, default=None, metavar="S",
                    help="with --attacks corruptions: a subset of the severities 1-5 (default all)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help=f"points per chunk, the unit of work, seeding and resume (default {DEFAULT_CHUNK_SIZE}); "
+                        "results depend on it, never on the number of processes")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default=None, help="default: the run's data_dir, else ./datasets")
     p.add_argument("--split", choices=SPLITS, default="test")
@@ -89,8 +98,8 @@ def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None):
         raise UserError(f"--corruptions and --severities choose what --attacks {CORRUPTIONS_ATTACK} evaluates: "
                         f"add {CORRUPTIONS_ATTACK} to --attacks")
     radii = parse_radii(args.eps, norms)
-    suites = [SuiteSettings.build(radii[n], attacks, norm=n, seed=args.seed, batch_size=args.batch_size)
-              for n in norms]
+    suites = [SuiteSettings.build(radii[n], attacks, norm=n, seed=args.seed, batch_size=args.batch_size,
+                                  chunk_size=args.chunk_size) for n in norms]
     return suites, corruptions
 
 
@@ -124,7 +133,7 @@ def _identity(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     stat = path.stat() if path.is_file() else None
     return {"model": {k: info.get(k) for k in ("path", "kind", "arch", "epoch", "global_step", "weights")},
             "file": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None,
-            "data": {k: data[k] for k in ("dataset", "split", "n")}}
+            "data": {k: data[k] for k in ("dataset", "split", "n", "points")}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,15 +145,18 @@ def run(args: argparse.Namespace) -> int:
         environment_info,
         load_eval_data,
         run_suite,
+        sharding,
         summary_line,
         write_reports,
     )
     from evaluation.corruptions import CorruptionSection, run_corruptions
+    from evaluation.inputs import points_identity
     from evaluation.sections import NormSection
+    from evaluation.store import check_resume
 
     suites, corruptions = _validate(args)
-
-    device = resolve_device(args.device)
+    world = sharding.env_world_size()
+    device = sharding.device_for(resolve_device(args.device), world)
     start = time.perf_counter()
     model, info = _load(args, device)
     config = info.get("config") or {}
@@ -157,31 +169,54 @@ def run(args: argparse.Namespace) -> int:
     corrupted = CorruptedCifar.open(dataset, data_dir, corruptions.corruptions) if corruptions else None
     x, y = load_eval_data(dataset, args.split, data_dir, args.n_ex)
     data = {"dataset": dataset, "split": args.split, "n": len(y), "n_ex": args.n_ex, "data_dir": data_dir,
-            "description": f"{dataset} {args.split} split, first {len(y)} points"}
+            "description": f"{dataset} {args.split} split, first {len(y)} points", "points": points_identity(x, y)}
     short = args.n_ex is not None and args.n_ex > len(y)
     if short:  # said in the summary line, report.json and report.md
         data["description"] = (f"{dataset} {args.split} split, all {len(y)} points (--n-ex {args.n_ex} asked for "
                                f"more than the split holds)")
     out = _default_out(args)
-    with _out_lock(out):
-        store = ResultStore(out / "cache", _identity(info, data), resume=args.resume)
-        _echo(args, suites, info, data, out)
-        results = [run_suite(model, x, y, s, store=store, progress=not args.quiet,
-                             adv_dir=(out / "adv" / ("" if i == 0 else s.norm)) if args.save_adv else None)
-                   for i, s in enumerate(suites)]
-        sections = [NormSection(r) for r in results[1:]]
-        if corrupted is not None:
-            sections.append(CorruptionSection(run_corruptions(model, corrupted, corruptions, store=store,
-                                                              progress=not args.quiet)))
-        meta = {"model": dict(info), "data": data, "environment": environment_info(device),
-                "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
-                "wall_seconds": round(time.perf_counter() - start, 2)}
-        paths = write_reports(results[0], out, meta, sections)
+    sharding.check_world_size(len(y), suites[0].chunk_size, world)
+    radii = _radii_list(suites)
+    if args.resume:
+        check_resume(out / "cache", radii, suites[0].chunk_size)
+    # One evaluation writes into --out: rank 0 holds the lock (torchrun stops the others if it cannot).
+    with _out_lock(out) if sharding.env_rank() == 0 else nullcontext():
+        shard = sharding.start(device)
+        try:
+            store = ResultStore(out / "cache", _identity(info, data), resume=args.resume)
+            if shard.is_main:
+                store.write_manifest(radii, suites[0].chunk_size)
+                _echo(args, suites, info, data, out)
+            results = [run_suite(model, x, y, s, store=store, progress=not args.quiet, shard=shard,
+                                 adv_dir=(out / "adv" / ("" if i == 0 else s.norm)) if args.save_adv else None)
+                       for i, s in enumerate(suites)]
+            if not shard.is_main:
+                return 0
+            sections = [NormSection(r) for r in results[1:]]
+            if corrupted is not None:  # not sharded: rank 0 runs it once the suites are gathered
+                sections.append(CorruptionSection(run_corruptions(model, corrupted, corruptions, store=store,
+                                                                  progress=not args.quiet)))
+            meta = {"model": dict(info), "data": data,
+                    "environment": {**environment_info(device), "processes": shard.world_size},
+                    "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
+                    "wall_seconds": round(time.perf_counter() - start, 2)}
+            paths = write_reports(results[0], out, meta, sections)
+        finally:
+            sharding.stop()
     lines = [f"{r.settings.norm}: {summary_line(r)}" if len(results) > 1 else summary_line(r) for r in results]
     lines += [s.summary() for s in sections if isinstance(s, CorruptionSection)]
     note = f" | --n-ex {args.n_ex} > the {len(y)} points of the split: all {len(y)} evaluated" if short else ""
     print(" || ".join(lines) + f"{note} | report: {paths['markdown']}")
     return 0
+
+
+def _radii_list(suites) -> list:
+    """The radii a resume must match: floats for the usual single L-inf suite, else ``NORM:radius`` texts."""
+    from core.threat import eps_text
+
+    if len(suites) == 1 and suites[0].norm == "Linf":
+        return list(suites[0].eps)
+    return [f"{s.norm}:{eps_text(e, s.norm)}" for s in suites for e in s.eps]
 
 
 def _out_lock(out: Path):
@@ -238,12 +273,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.argv = argv
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from evaluation.sharding import env_rank
+
+        if env_rank() == 0:  # under torchrun every process finds the same mistake; one says it
+            print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except KeyboardInterrupt:
-        print("interrupted: finished (eps, attack) results are kept; rerun with --resume", file=sys.stderr)
+        print("interrupted: finished (eps, attack, chunk) results are kept; rerun with --resume", file=sys.stderr)
         return 130
 
 

@@ -138,13 +138,9 @@ def probe_run_dir(run_dir: Path) -> None:
 
 def check_world_size(batch_size: int) -> None:
     """The global batch must split evenly over the processes torchrun starts (checked before any init)."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    try:
-        world = int(text)
-    except ValueError:
-        raise UserError(f"WORLD_SIZE={text!r} is not a number of processes: launch with torchrun") from None
-    if world < 1:
-        raise UserError(f"WORLD_SIZE={world} must be at least 1")
+    from training.distributed import world_size_from_env
+
+    world = world_size_from_env()
     if batch_size % world:
         raise UserError(f"--batch-size {batch_size} is not divisible by the world size {world}: the global batch "
                         f"is split evenly across processes; use a multiple of {world}")

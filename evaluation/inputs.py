@@ -37,3 +37,16 @@ def load_eval_data(dataset: str, split: str = "test", data_dir: str = "./dataset
         return images.contiguous(), labels
     items = [ds[i] for i in range(n)]
     return torch.stack([img for img, _ in items]), torch.tensor([int(t) for _, t in items])
+
+
+def points_identity(x: torch.Tensor, y: torch.Tensor) -> dict[str, object]:
+    """What identifies the evaluated points beyond dataset, split and n: digests of labels and pixels.
+
+    Two reports may be paired point by point (``evaluation.compare``) only when these agree.
+    """
+    import hashlib
+
+    labels = np.ascontiguousarray(y.detach().cpu().numpy().astype(np.int64))
+    pixels = np.ascontiguousarray(x.detach().cpu().to(torch.float32).numpy())
+    return {"n": int(len(y)), "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+            "images_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}

@@ -2,7 +2,9 @@
 
 Table layouts follow the paper: Table 14 (one row per attack, one column per eps, plus Clean
 and Avg.) and Table 15 (one row per eps, one column per attack, plus Clean and Worst). Numbers
-in tables are percentages with two decimals; the JSON keeps exact counts and fractions.
+in tables are percentages with two decimals; the JSON keeps exact counts and fractions. Every
+accuracy in report.md and report.json carries its 95% Wilson interval (:mod:`evaluation.stats`),
+and both list per-class clean and worst-case robust accuracy with the worst class.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from core.threat import eps_text
 from errors import UserError
 
 from .results import SuiteResult
+from .stats import ci_cell, per_class, per_class_frame, per_class_markdown, wilson
 
 REPORT_FILES = {"json": "report.json", "markdown": "report.md", "table_eps": "table_eps.csv",
                 "table_attacks": "table_attacks.csv", "per_sample": "per_sample.csv",
-                "plot": "robust_vs_eps.png"}
+                "per_class": "per_class.csv", "plot": "robust_vs_eps.png"}
 _PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "robustbench", "pandas")
 
 
@@ -38,14 +41,21 @@ def _pct(value: float) -> float:
     return round(100.0 * value, 2)
 
 
-def table_eps(result: SuiteResult) -> pd.DataFrame:
-    """Table 14 layout: rows = attacks and Worst; columns = Clean, each eps (x/255), Avg."""
+def _cell(result: SuiteResult, eps: float, name: str, ci: bool) -> Any:
+    """The accuracy in %, or with ``ci`` the text ``"45.00 [39.12, 51.03]"`` with its 95% Wilson interval."""
+    if not ci:
+        return _pct(result.accuracy(eps, name))
+    return ci_cell(int(result.robust(eps, name).sum()), result.n)
+
+
+def table_eps(result: SuiteResult, ci: bool = False) -> pd.DataFrame:
+    """Table 14 layout: rows = attacks and Worst; columns = Clean, each eps (x/255), Avg. (``ci``: text cells)."""
     labels, norm = _labels(result), result.settings.norm
     rows = {}
     for name in result.attack_names + ["worst"]:
         values = [_pct(result.accuracy(e, name)) for e in result.settings.eps]
-        row = {"Clean": _pct(result.accuracy(result.settings.eps[0], "clean"))}
-        row.update({eps_text(e, norm): v for e, v in zip(result.settings.eps, values)})
+        row = {"Clean": _cell(result, result.settings.eps[0], "clean", ci)}
+        row.update({eps_text(e, norm): _cell(result, e, name, ci) for e in result.settings.eps})
         row["Avg."] = round(sum(values) / len(values), 2)
         rows[labels.get(name, "Worst")] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
@@ -53,14 +63,14 @@ def table_eps(result: SuiteResult) -> pd.DataFrame:
     return frame
 
 
-def table_attacks(result: SuiteResult) -> pd.DataFrame:
-    """Table 15 layout: rows = eps (x/255); columns = Clean, each attack, Worst."""
+def table_attacks(result: SuiteResult, ci: bool = False) -> pd.DataFrame:
+    """Table 15 layout: rows = eps (x/255); columns = Clean, each attack, Worst (``ci``: text cells)."""
     labels, norm = _labels(result), result.settings.norm
     rows = {}
     for eps in result.settings.eps:
-        row = {"Clean": _pct(result.accuracy(eps, "clean"))}
-        row.update({labels[n]: _pct(result.accuracy(eps, n)) for n in result.attack_names})
-        row["Worst"] = _pct(result.accuracy(eps, "worst"))
+        row = {"Clean": _cell(result, eps, "clean", ci)}
+        row.update({labels[n]: _cell(result, eps, n, ci) for n in result.attack_names})
+        row["Worst"] = _cell(result, eps, "worst", ci)
         rows[eps_text(eps, norm)] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "eps"
@@ -100,6 +110,7 @@ def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> d
             rows.append({"eps": eps, "eps_str": eps_text(eps, norm), "attack": name,
                          "label": labels.get(name, "Worst"),
                          "robust_accuracy": flags.float().mean().item(), "robust_count": int(flags.sum()),
+                         "ci95": list(wilson(int(flags.sum()), result.n)),
                          "n": result.n, "attacked": res.attacked if res else None,
                          "seconds": round(res.seconds, 3) if res else None, "seed": res.seed if res else None,
                          "resumed": res.cached if res else None})
@@ -110,7 +121,9 @@ def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> d
     return {"created": now_iso(),
             "settings": result.settings.as_dict(), **(meta or {}),
             "n": result.n, "clean_accuracy": result.clean.float().mean().item(),
-            "clean_count": int(result.clean.sum()), "results": rows, "warnings": list(result.warnings),
+            "clean_count": int(result.clean.sum()), "clean_ci95": list(wilson(int(result.clean.sum()), result.n)),
+            "intervals": "ci95: 95% Wilson score interval of the accuracy over the n points",
+            "results": rows, "per_class": per_class(result), "warnings": list(result.warnings),
             "per_sample_note": "strings of 0/1 per evaluated point, in data order", "per_sample": per_sample}
 
 
@@ -122,7 +135,8 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     header = [frame.index.name or ""] + [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for index, row in frame.iterrows():
-        lines.append("| " + " | ".join([str(index)] + [f"{v:.2f}" for v in row.tolist()]) + " |")
+        cells = [v if isinstance(v, str) else f"{v:.2f}" for v in row.tolist()]
+        lines.append("| " + " | ".join([str(index)] + cells) + " |")
     return "\n".join(lines)
 
 
@@ -138,9 +152,12 @@ def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) 
               f"- threat model: {s.norm}, eps {', '.join(eps_text(e, s.norm) for e in s.eps)}; seed {s.seed}; fp32",
               f"- {s.as_dict()['pgd_rule']} (fraction {s.step_fraction:g})",
               "- multi-eps: at each eps an attack runs only on the points it could not break at the "
-              "previous eps", ""]
-    lines += ["## Robust accuracy (%) across eps (Table 14 layout)", "", _markdown_table(table_eps(result)), ""]
-    lines += ["## Robust accuracy (%) per attack (Table 15 layout)", "", _markdown_table(table_attacks(result)), ""]
+              "previous eps",
+              f"- [low, high]: 95% Wilson interval over the {result.n} points (Avg.: mean over eps, no interval)", ""]
+    lines += ["## Robust accuracy (%) across eps (Table 14 layout)", "", _markdown_table(table_eps(result, ci=True)), ""]
+    lines += ["## Robust accuracy (%) per attack (Table 15 layout)", "",
+              _markdown_table(table_attacks(result, ci=True)), ""]
+    lines += per_class_markdown(per_class(result))
     lines += ["## Sanity checks", ""]
     lines += [f"- WARNING: {w}" for w in result.warnings] or ["- all passed"]
     seconds = sum(r.seconds for r in result.results.values() if not r.cached)
@@ -164,6 +181,10 @@ def plot_robustness(result: SuiteResult, path: str | os.PathLike) -> None:
         ys = [100 * result.accuracy(e, name) for e in result.settings.eps]
         style = dict(linestyle="--", color="black") if name == "worst" else {}
         ax.plot(xs, ys, marker="o", label=labels.get(name, "Worst"), **style)
+        if name == "worst":
+            bounds = [wilson(int(result.robust(e, name).sum()), result.n) for e in result.settings.eps]
+            ax.fill_between(xs, [100 * low for low, _ in bounds], [100 * high for _, high in bounds], color="black",
+                            alpha=0.12, linewidth=0, label="Worst, 95% interval")
     ax.axhline(100 * result.clean.float().mean().item(), linestyle=":", color="gray", label="Clean")
     ax.set_xlabel(f"eps ({norm}, x/255)" if norm == "Linf" else f"eps ({norm})")
     ax.set_ylabel("robust accuracy (%)")
@@ -203,6 +224,7 @@ def write_reports(result: SuiteResult, out_dir: str | os.PathLike,
     atomic_write(paths["table_eps"], lambda f: table_eps(result).to_csv(f), binary=False)
     atomic_write(paths["table_attacks"], lambda f: table_attacks(result).to_csv(f), binary=False)
     atomic_write(paths["per_sample"], lambda f: per_sample_frame(result).to_csv(f), binary=False)
+    atomic_write(paths["per_class"], lambda f: per_class_frame(data["per_class"]).to_csv(f), binary=False)
     plot_robustness(result, paths["plot"])
     for section in sections:
         paths.update(section.write_files(out))

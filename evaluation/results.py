@@ -9,6 +9,7 @@ import torch
 
 from core.threat import NORMS, eps_str, eps_text
 
+from .sharding import DEFAULT_CHUNK_SIZE
 from .spec import PGD_STEP_FRACTION, AttackSpec, parse_attacks
 from .store import stable_hash
 
@@ -28,6 +29,7 @@ class SuiteSettings:
     seed: int = 0
     batch_size: int = 256
     step_fraction: float = PGD_STEP_FRACTION
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # points per chunk (evaluation.sharding): decides AutoAttack's batches
 
     @classmethod
     def build(cls, eps: Sequence[float], attacks: Sequence[str], **kw: Any) -> "SuiteSettings":
@@ -45,6 +47,8 @@ class SuiteSettings:
             raise UserError(f"--norm {settings.norm!r} is not one of: {', '.join(NORMS)}")
         if settings.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {settings.batch_size}")
+        if settings.chunk_size < 1:
+            raise UserError(f"--chunk-size must be >= 1, got {settings.chunk_size}")
         return settings
 
     def step(self, eps: float) -> float:
@@ -54,7 +58,7 @@ class SuiteSettings:
     def as_dict(self) -> dict[str, Any]:
         return {"eps": list(self.eps), "eps_str": [eps_text(e, self.norm) for e in self.eps],
                 "attacks": [a.name for a in self.attacks], "norm": self.norm, "seed": self.seed,
-                "batch_size": self.batch_size, "step_fraction": self.step_fraction,
+                "batch_size": self.batch_size, "step_fraction": self.step_fraction, "chunk_size": self.chunk_size,
                 "pgd_rule": "PGD/CW: step = eps * step_fraction, uniform random start, 1 restart, "
                             "CW = PGD on the CW margin loss"}
 

@@ -24,6 +24,7 @@ from .report import (
     table_eps,
 )
 from .results import SuiteResult
+from .stats import per_class, per_class_markdown
 
 _TABLES = {"table_eps": table_eps, "table_attacks": table_attacks, "per_sample": per_sample_frame}
 
@@ -45,9 +46,11 @@ class NormSection:
         lines = [f"## {s.norm} threat model", "",
                  f"- eps {', '.join(eps_text(e, s.norm) for e in s.eps)}; seed {s.seed}; fp32; "
                  f"{s.as_dict()['pgd_rule']} (fraction {s.step_fraction:g})", "",
-                 f"### {s.norm}: robust accuracy (%) across eps (Table 14 layout)", "", _markdown_table(table_eps(r)),
-                 "", f"### {s.norm}: robust accuracy (%) per attack (Table 15 layout)", "",
-                 _markdown_table(table_attacks(r)), "", f"### {s.norm}: sanity checks", ""]
+                 f"### {s.norm}: robust accuracy (%) across eps (Table 14 layout)", "",
+                 _markdown_table(table_eps(r, ci=True)), "",
+                 f"### {s.norm}: robust accuracy (%) per attack (Table 15 layout)", "",
+                 _markdown_table(table_attacks(r, ci=True)), ""]
+        lines += per_class_markdown(per_class(r)) + [f"### {s.norm}: sanity checks", ""]
         lines += [f"- WARNING: {w}" for w in r.warnings] or ["- all passed"]
         return "\n".join(lines + [""])
 

@@ -1,8 +1,11 @@
-"""On-disk cache of finished (eps, attack) results, so an interrupted evaluation resumes.
+"""On-disk cache of finished (eps, attack, chunk) results, so an interrupted evaluation resumes.
 
 Each finished result is one small file written atomically. Its key hashes everything that decides
-the result: the model and data identity, the suite settings, the attack, and the chain of smaller
-epsilons whose survivors it attacked. A file whose key does not match is never reused.
+the result: the model and data identity, the suite settings, the attack, the chain of smaller
+epsilons whose survivors it attacked and the chunk of points (never the process that ran it, so a
+resume on another number of processes reuses it). A file whose key does not match is never
+reused. ``suite.json`` (the manifest) records the eps list and chunk size of the run the folder
+belongs to; a resume that changes either is refused (:func:`check_resume`).
 """
 from __future__ import annotations
 
@@ -11,12 +14,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from core.files import atomic_write_text
+from core.threat import eps_str
 from core.torch_files import load_checkpoint, save_checkpoint
 from errors import UserError
+
+MANIFEST = "suite.json"
 
 
 def eps_tag(eps: float) -> str:
@@ -50,33 +57,72 @@ class ResultStore:
         except OSError as e:
             raise UserError(f"cannot create output folder {self.folder}: {e.strerror}; pick another --out") from None
 
-    def key(self, attack: str, eps_chain: list[float], settings: dict[str, Any]) -> str:
-        """Key of the result of ``attack`` at ``eps_chain[-1]`` after carrying ``eps_chain[:-1]``."""
-        return stable_hash({"identity": self.identity, "settings": settings, "attack": attack,
-                            "eps_chain": [round(e, 10) for e in eps_chain]})
+    def key(self, attack: str, eps_chain: list[float], settings: dict[str, Any],
+            chunk: Optional[dict[str, int]] = None) -> str:
+        """Key of the result of ``attack`` at ``eps_chain[-1]`` after carrying ``eps_chain[:-1]``,
+        on the points of ``chunk`` (``{"index", "start", "stop"}``; None: all points)."""
+        payload = {"identity": self.identity, "settings": settings, "attack": attack,
+                   "eps_chain": [round(e, 10) for e in eps_chain]}
+        if chunk is not None:
+            payload["chunk"] = dict(chunk)
+        return stable_hash(payload)
 
-    def _path(self, attack: str, eps: float, key: str, suffix: str) -> Path:
-        return self.folder / f"{attack_tag(attack)}_{eps_tag(eps)}_{key[:12]}{suffix}"
+    def _path(self, attack: str, eps: float, key: str, suffix: str, chunk: Optional[int]) -> Path:
+        part = "" if chunk is None else f"_c{chunk:05d}"
+        return self.folder / f"{attack_tag(attack)}_{eps_tag(eps)}{part}_{key[:12]}{suffix}"
 
-    def result_path(self, attack: str, eps: float, key: str) -> Path:
-        return self._path(attack, eps, key, ".pt")
+    def result_path(self, attack: str, eps: float, key: str, chunk: Optional[int] = None) -> Path:
+        return self._path(attack, eps, key, ".pt", chunk)
 
-    def state_path(self, attack: str, eps: float, key: str) -> Path:
-        """Where an attack that can resume mid-way (AutoAttack) keeps its state for this (eps, attack)."""
-        path = self._path(attack, eps, key, ".aa_state.pt")
+    def state_path(self, attack: str, eps: float, key: str, chunk: Optional[int] = None) -> Path:
+        """Where an attack that can resume mid-way (AutoAttack) keeps its state for this (eps, attack, chunk)."""
+        path = self._path(attack, eps, key, ".aa_state.pt", chunk)
         if not self.resume and path.exists():
             path.unlink()  # a fresh run must not continue an older, possibly unfinished one
         return path
 
-    def load(self, attack: str, eps: float, key: str) -> Optional[dict[str, Any]]:
+    def load(self, attack: str, eps: float, key: str, chunk: Optional[int] = None) -> Optional[dict[str, Any]]:
         """The saved result for ``key`` when resuming and present, else None."""
-        path = self.result_path(attack, eps, key)
+        path = self.result_path(attack, eps, key, chunk)
         if not self.resume or not path.is_file():
             return None
         state = load_checkpoint(path)
         return state if state.get("key") == key else None
 
-    def save(self, attack: str, eps: float, key: str, robust: torch.Tensor, **extra: Any) -> Path:
-        """Atomically write one finished result (``robust``: bool flags over all evaluated points)."""
+    def save(self, attack: str, eps: float, key: str, robust: torch.Tensor, chunk: Optional[int] = None,
+             **extra: Any) -> Path:
+        """Atomically write one finished result (``robust``: bool flags over the chunk's points)."""
         state = {"key": key, "attack": attack, "eps": float(eps), "robust": robust.detach().cpu(), **extra}
-        return save_checkpoint(state, self.result_path(attack, eps, key))
+        return save_checkpoint(state, self.result_path(attack, eps, key, chunk))
+
+    def write_manifest(self, eps: Sequence[Union[float, str]], chunk_size: int) -> Path:
+        """Record the radii and chunk size this folder's results belong to (one process writes it); radii
+        are floats (L-inf) or ``NORM:radius`` texts."""
+        return atomic_write_text(self.folder / MANIFEST, json.dumps(_manifest(eps, chunk_size), indent=1))
+
+
+def _manifest(eps: Sequence[Union[float, str]], chunk_size: int) -> dict[str, Any]:
+    return {"eps": [e if isinstance(e, str) else eps_str(e) for e in eps], "chunk_size": int(chunk_size)}
+
+
+def check_resume(folder: str | os.PathLike, eps: Sequence[Union[float, str]], chunk_size: int) -> None:
+    """Refuse (``UserError``) a resume whose chunk size or eps list differs from the saved run's.
+
+    Reads only: call it before anything is written. A folder without a manifest has nothing to check.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        saved_eps, saved_chunk = [str(e) for e in saved["eps"]], int(saved["chunk_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"cannot read the saved evaluation state {path}: delete it or rerun without --resume") from None
+    wanted = _manifest(eps, chunk_size)
+    if saved_chunk != wanted["chunk_size"]:
+        raise UserError(f"--resume with --chunk-size {chunk_size}, but the saved state in {path.parent} was made "
+                        f"with --chunk-size {saved_chunk}: pass --chunk-size {saved_chunk} (or drop --resume)")
+    if saved_eps != wanted["eps"]:
+        raise UserError(f"--resume with --eps {' '.join(wanted['eps'])}, but the saved state in {path.parent} was "
+                        f"made for --eps {' '.join(saved_eps)}: pass the same --eps (or drop --resume, or use "
+                        "another --out)")

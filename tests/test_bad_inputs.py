@@ -154,6 +154,15 @@ def _corrupted(labels: int = 20, names: tuple[str, ...] = ("fog",)) -> Callable[
     return setup
 
 
+def _saved_eval(eps: list[float], chunk_size: int) -> Callable[[Paths], None]:
+    """An earlier evaluation's cache in the run's default --out, as the store leaves it."""
+    def setup(p: Paths) -> None:
+        from evaluation.store import ResultStore
+
+        ResultStore(p.run / "eval" / "cache", {}).write_manifest(eps, chunk_size)
+    return setup
+
+
 def _bad_run_config(p: Paths) -> None:
     (p.run / "config.yaml").write_text("arch: [small-cnn\nepochs: 3\n")
 
@@ -285,6 +294,14 @@ EVAL_CASES = [
     Case("export: negative eps", "export", lambda p: [str(p.run), "--eps", "-8/255"], "'-8/255' is outside [0, 1]"),
     Case("export: project dict without model", "export", lambda p: [str(p.tmp / "m.pt"), "--allow-unevaluated"],
          "has no valid model", setup=_file("m.pt", make=_project_dict_without_model)),
+    Case("eval: more processes than chunks", "eval", lambda p: [str(p.run), "--n-ex", "8", "--chunk-size", "4"],
+         "3 processes but --chunk-size 4 splits the 8 points into 2 chunk(s)", env={"WORLD_SIZE": "3"}),
+    Case("eval: world size not a number", "eval", lambda p: [str(p.run)], "two", env={"WORLD_SIZE": "two"}),
+    Case("eval: chunk size 0", "eval", lambda p: [str(p.run), "--chunk-size", "0"], "--chunk-size must be >= 1"),
+    Case("eval: resume with another chunk size", "eval", lambda p: [str(p.run), "--resume", "--chunk-size", "8"],
+         "was made with --chunk-size 4", setup=_saved_eval([8 / 255], 4)),
+    Case("eval: resume with other eps", "eval", lambda p: [str(p.run), "--resume", "--eps", "8", "--chunk-size", "4"],
+         "made for --eps 8/255 16/255", setup=_saved_eval([8 / 255, 16 / 255], 4)),
 ]
 
 MAINS = {"train": train_at.main, "eval": eval_autoattack.main, "export": export_robustbench.main}

@@ -190,7 +190,10 @@ def test_reports_are_readable_by_pandas(multi_eps, tmp_path):
     table = "\n".join(line for line in md.splitlines() if line.startswith("| eps") or line.startswith("| 8/255"))
     parsed = pd.read_csv(io.StringIO(table), sep="|", skipinitialspace=True).dropna(axis=1, how="all")
     parsed.columns = [c.strip() for c in parsed.columns]
-    assert float(parsed["PGD-10"].iloc[0]) == pytest.approx(100 * r.accuracy(8 / 255, "pgd10"), abs=0.006)
+    value, interval = parsed["PGD-10"].iloc[0].strip().split(" [")  # "98.44 [91.67, 99.72]"
+    assert float(value) == pytest.approx(100 * r.accuracy(8 / 255, "pgd10"), abs=0.006)
+    low, high = (float(v) for v in interval.rstrip("]").split(","))
+    assert low < float(value) < high
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
 
 

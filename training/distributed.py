@@ -4,10 +4,14 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from errors import UserError
 
 
 @dataclass(frozen=True)
@@ -25,13 +29,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_from_env(device_type: str) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else single process."""
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 when absent), checked before any process group exists."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={text!r} is not a number of processes: launch with torchrun") from None
+    if world < 1:
+        raise UserError(f"WORLD_SIZE={world} must be at least 1")
+    return world
+
+
+def init_from_env(device_type: str, timeout: Optional[timedelta] = None) -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else single process.
+
+    ``timeout`` bounds how long a collective waits for the slowest rank (torch's default if None).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        extra = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **extra)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
