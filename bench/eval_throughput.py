@@ -63,14 +63,14 @@ def _sync(device: torch.device) -> None:
 def component_seconds(model: nn.Module, name: str, batch: int, device: torch.device, seed: int = 0) -> float:
     """Wall seconds of one AutoAttack-standard component on ``batch`` never-fooled points."""
     from attacks import attack_mode
-    from attacks.rb_bridge import GitStyleAutoAttack
+    from attacks.rb_bridge import autoattack_class
 
     wrapped = NeverFooled(model).eval()
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, 32, 32, generator=gen).to(device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    adversary = GitStyleAutoAttack(wrapped, norm="Linf", eps=EPS, seed=seed, verbose=False, version="standard",
-                                   device=device)
+    adversary = autoattack_class()(wrapped, norm="Linf", eps=EPS, seed=seed, verbose=False, version="standard",
+                                  device=device)
     adversary.attacks_to_run = [name]  # the library's way to run one component with the version's budgets
     with attack_mode(wrapped), torch.random.fork_rng():  # frozen weights, as in the suite
         _sync(device)
