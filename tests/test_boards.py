@@ -62,6 +62,26 @@ def test_several_norms_in_one_report_and_compare(run_dir, capsys) -> None:  # no
     assert "PGD-5 8/255" in header and "PGD-5 L2 0.5" in header and "PGD-5 L1 6" in header
 
 
+def test_resume_adds_a_norm_and_reuses_the_finished_one(run_dir, capsys) -> None:  # noqa: F811
+    # The README: "to add a norm to a finished evaluation, rerun with the longer --norm list and --resume".
+    common = [str(run_dir), "--attacks", "pgd5", "--n-ex", "24", "--batch-size", "24", "--chunk-size", "12", "--quiet"]
+    assert eval_autoattack.main([*common, "--norm", "Linf", "--eps", "8/255"]) == 0
+    first = read_report(run_dir / "eval" / "report.json")
+    assert eval_autoattack.main([*common, "--resume", "--norm", "Linf", "L2", "--eps", "Linf:8/255", "L2:0.5"]) == 0
+    report = read_report(run_dir / "eval" / "report.json")
+    assert report.norms == ["Linf", "L2"]
+    assert [r["resumed"] for r in report.raw["results"] if r["attack"] == "pgd5"] == [True]
+    assert [r["resumed"] for r in report.threat("L2").raw["results"] if r["attack"] == "pgd5"] == [False]
+    assert report.raw["per_sample"] == first.raw["per_sample"]
+    capsys.readouterr()
+    # Other radii for a norm the saved run evaluated are still refused, nothing written.
+    before = (run_dir / "eval" / "report.json").read_bytes()
+    assert eval_autoattack.main([*common, "--resume", "--norm", "Linf", "L2", "--eps", "Linf:8/255", "L2:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made for --eps Linf:8/255 L2:0.5" in err[0]
+    assert (run_dir / "eval" / "report.json").read_bytes() == before
+
+
 def test_constant_model_corruptions_through_the_cli(fake_cifar_root, tmp_path, capsys) -> None:  # noqa: F811
     # Severity s of each corruption has label 7 on the first s of its 5 images: a model that always
     # answers 7 scores s/5 at severity s, (1+2+3+4+5)/25 = 60% on average.
