@@ -55,7 +55,11 @@ def test_several_norms_in_one_report_and_compare(run_dir, capsys) -> None:  # no
     text = (out / "report.md").read_text()
     assert "## L2 threat model" in text and "## L1 threat model" in text and "| 0.5 |" in text
     assert "### L1: sanity checks" in text  # each norm's own checks
+    # each norm's per-class table inside its own section (one top-level per-class heading: the main norm's)
+    assert text.count("## Per class") == 1 and "### L2: per class" in text and "### L1: per class" in text
+    assert text.index("## L2 threat model") < text.index("### L2: per class") < text.index("## L1 threat model")
     assert pd.read_csv(out / "table_attacks_L1.csv", index_col=0, dtype={"eps": str}).index.tolist() == ["6"]
+    assert pd.read_csv(out / "per_class_L2.csv", index_col=0).columns[:2].tolist() == ["n", "clean"]
     for name in ("table_eps_L2.csv", "per_sample_L2.csv", "robust_vs_eps_L2.png", "robust_vs_eps_L1.png"):
         assert (out / name).is_file(), name
     header = comparison_table([str(run_dir)]).splitlines()[0]
