@@ -162,6 +162,32 @@ def test_export_writes_linf_and_corruptions_model_info(tmp_path, capsys) -> None
     assert [p.name for p in (only / "model_info" / "cifar10").iterdir()] == ["corruptions"]
 
 
+def test_export_names_a_board_left_out_for_its_radius(tmp_path, capsys) -> None:
+    # Linf AutoAttack at 4/255 (the run trained at 8/255, the radius the export looks for) and L2 at 0.5:
+    # L2 is exported, and Linf is not left out in silence.
+    from checkpoints.run import load_model
+    from evaluation.report import write_reports
+    from evaluation.sections import NormSection
+    from evaluation.suite import AttackResult, SuiteResult, SuiteSettings
+
+    run, _, _ = _make_run(tmp_path, "wrn-10-1", "cifar10", 10, seed=7)
+    parts = []
+    for norm, eps in (("Linf", 4 / 255), ("L2", 0.5)):
+        result = SuiteResult(SuiteSettings.build([eps], ["aa"], norm=norm), torch.zeros(4, dtype=torch.long),
+                             torch.tensor([True, True, True, False]))
+        result.results[(eps, "aa")] = AttackResult("aa", eps, torch.tensor([True, False, False, False]), 3, 1.0, 0)
+        parts.append(result)
+    _, info = load_model(run)
+    write_reports(parts[0], run / "eval", {"model": info, "data": {"dataset": "cifar10", "split": "test", "n": 4}},
+                  [NormSection(parts[1])])
+    out = tmp_path / "export"
+    assert export_robustbench.main([str(run), "--out", str(out), *CARD, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "model_info L2:" in captured.out and "model_info Linf:" not in captured.out
+    assert "note: Linf not exported: the evaluation's AutoAttack ran at 4/255, the export looks for 8/255; " \
+           "pass --eps 4/255" in captured.err
+
+
 def test_export_refuses_a_subset_of_the_corruptions(tmp_path, capsys) -> None:
     run, _, _ = _make_run(tmp_path, "wrn-10-1", "cifar10", 10, seed=5)
     partial = {(c, s): [True, False] for c in CORRUPTIONS[:3] for s in SEVERITIES}
