@@ -127,11 +127,11 @@ def test_compare_pairs_each_norm_with_the_same_norm(tmp_path):
 
     l2_a, l1_a = [1] * 8 + [0] * 2, [1] * 2 + [0] * 8
     l2_b, l1_b = [1] * 9 + [0], [1] * 3 + [0] * 7
-    for name, (main, section) in {"a": (_norm_result("L2", l2_a), _norm_result("L1", l1_a)),
+    for name, (first, section) in {"a": (_norm_result("L2", l2_a), _norm_result("L1", l1_a)),
                                   "b": (_norm_result("L1", l1_b), _norm_result("L2", l2_b))}.items():
         data = {"dataset": "digits", "split": "test", "n": 10,
-                "points": points_identity(torch.zeros(10, 3, 2, 2), main.labels)}
-        write_reports(main, tmp_path / name / "eval", {"data": data, "model": {}}, [NormSection(section)])
+                "points": points_identity(torch.zeros(10, 3, 2, 2), first.labels)}
+        write_reports(first, tmp_path / name / "eval", {"data": data, "model": {}}, [NormSection(section)])
     text = compare([str(tmp_path / "a"), str(tmp_path / "b")])
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
             for line in text.splitlines() if "| PGD-10 |" in line}
