@@ -75,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None):
+def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None, *, radii_may_wait: bool = False):
     """Check every cheap argument before anything is loaded or written.
 
     Returns the suite settings per norm (the main norm first) and the corruption settings (or None).
+    ``radii_may_wait``: radii that do not read in the default norm give no suites (None) instead of
+    an error, to be read again in the run's own norm.
     """
     from core.threat import parse_radii
     from evaluation.corruptions import CORRUPTIONS_ATTACK, CorruptionSettings
@@ -97,7 +99,12 @@ def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None):
     elif args.corruptions or args.severities:
         raise UserError(f"--corruptions and --severities choose what --attacks {CORRUPTIONS_ATTACK} evaluates: "
                         f"add {CORRUPTIONS_ATTACK} to --attacks")
-    radii = parse_radii(args.eps, norms)
+    try:
+        radii = parse_radii(args.eps, norms)
+    except UserError:
+        if not radii_may_wait:
+            raise
+        return None, corruptions
     suites = [SuiteSettings.build(radii[n], attacks, norm=n, seed=args.seed, batch_size=args.batch_size,
                                   chunk_size=args.chunk_size) for n in norms]
     return suites, corruptions
@@ -154,14 +161,16 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.sections import NormSection
     from evaluation.store import check_resume
 
-    suites, corruptions = _validate(args)
+    # Without --norm the radii may be in the run's training norm (L1 up to 3072): they wait for it.
+    suites, corruptions = _validate(args, radii_may_wait=_chosen_norms(args) is None)
     world = sharding.env_world_size()
     device = sharding.device_for(resolve_device(args.device), world)
     start = time.perf_counter()
     model, info = _load(args, device)
     config = info.get("config") or {}
-    if _chosen_norms(args) is None and config.get("norm") and config["norm"] != suites[0].norm:
-        suites, corruptions = _validate(args, [config["norm"]])
+    trained = config.get("norm")
+    if suites is None or (_chosen_norms(args) is None and trained and trained != suites[0].norm):
+        suites, corruptions = _validate(args, [trained or "Linf"])
     dataset = args.dataset or info.get("dataset") or config.get("dataset")
     if dataset is None:
         raise UserError("cannot tell which dataset this model was trained on: pass --dataset")

@@ -3,8 +3,8 @@
 Reads each ``RUN/eval/report.json`` written by eval_autoattack.py and prints one Markdown row per
 run: clean accuracy and the robust accuracy of every (attack, eps) it holds, for every norm of the
 report (titles ``AA 8/255`` for L-inf, ``AA L2 0.5``, ``AA L1 12``), and the common-corruptions mean.
-Then each later run is paired with the first, point by point (the ``per_sample`` flags of the
-reports' first norm): per eps and attack held by both, the difference in accuracy with its 95%
+Then each later run is paired with the first, point by point (the ``per_sample`` flags of each
+norm both reports hold): per norm, eps and attack held by both, the difference in accuracy with its 95%
 interval (Newcombe's hybrid score interval for paired proportions), the points only one of them
 gets right, and the exact McNemar p-value (one test per row, not corrected for the number of
 rows). Runs evaluated on different points (dataset, split, number of points, digests of labels
@@ -89,14 +89,24 @@ def _flags(bits: str) -> torch.Tensor:
 
 
 def paired_rows(a: EvalReport, b: EvalReport) -> list[tuple[str, str, PairedTable]]:
-    """(eps, attack label, table) for clean and every (eps, attack) both reports hold, in A's order."""
-    sa, sb = a.raw["per_sample"], b.raw["per_sample"]
-    rows = [("-", "Clean", PairedTable.from_flags(_flags(sa["clean"]), _flags(sb["clean"])))]
-    for r in a.rows:
-        bits_a = (sa.get(r.eps_str) or {}).get(r.attack)
-        bits_b = (sb.get(r.eps_str) or {}).get(r.attack)
-        if bits_a is not None and bits_b is not None:
-            rows.append((r.eps_str, r.label, PairedTable.from_flags(_flags(bits_a), _flags(bits_b))))
+    """(eps, attack label, table) for clean and every (norm, eps, attack) both reports hold, in A's order.
+
+    Each norm is paired with the same norm of B (its section or its main part): the main norms
+    of the two reports may differ. The eps of a norm other than L-inf is written ``L2 0.5``.
+    """
+    clean_a, clean_b = a.raw["per_sample"]["clean"], b.raw["per_sample"]["clean"]
+    rows = [("-", "Clean", PairedTable.from_flags(_flags(clean_a), _flags(clean_b)))]
+    for norm in a.norms or [a.norm]:
+        part_a, part_b = a.threat(norm), b.threat(norm)
+        if part_a is None or part_b is None:
+            continue
+        sa, sb = part_a.raw.get("per_sample") or {}, part_b.raw.get("per_sample") or {}
+        prefix = "" if norm in (None, "Linf") else f"{norm} "
+        for r in part_a.rows:
+            bits_a = (sa.get(r.eps_str) or {}).get(r.attack)
+            bits_b = (sb.get(r.eps_str) or {}).get(r.attack)
+            if bits_a is not None and bits_b is not None:
+                rows.append((prefix + r.eps_str, r.label, PairedTable.from_flags(_flags(bits_a), _flags(bits_b))))
     return rows
 
 

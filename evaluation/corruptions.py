@@ -138,12 +138,15 @@ def run_corruptions(model: nn.Module, data: CorruptedCifar, settings: Corruption
     result = CorruptionResult(settings, data.dataset, str(data.folder), data.per_severity)
     device, n = model_device(model), data.count(settings.n_ex)
     pairs = [(c, s) for c in settings.corruptions for s in settings.severities]
+    # What decides one pair's flags: its images (the files, their length) and how many; not which other
+    # pairs run, so a resume with more corruptions or severities reuses the finished ones.
+    decides = {"n": n, "folder": str(Path(data.folder).resolve()), "per_severity": data.per_severity}
     start = time.perf_counter()
     with fp32_eval(model, device), tqdm(total=n * len(pairs), desc="corruptions", unit="img", leave=False,
                                         disable=not progress) as bar:
         for corruption, severity in pairs:
             name = f"{CORRUPTIONS_ATTACK}:{corruption}:{severity}"
-            key = store.key(name, [], {**settings.as_dict(), "n": n}) if store is not None else ""
+            key = store.key(name, [], decides) if store is not None else ""
             cached = store.load(name, 0.0, key) if store is not None else None
             if cached is not None:
                 flags, result.resumed = cached["robust"].bool(), result.resumed + 1

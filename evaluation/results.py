@@ -62,6 +62,11 @@ class SuiteSettings:
                 "pgd_rule": "PGD/CW: step = eps * step_fraction, uniform random start, 1 restart, "
                             "CW = PGD on the CW margin loss"}
 
+    def key_dict(self) -> dict[str, Any]:
+        """The settings that decide one attack's flags (for the resume cache): not the other attacks or
+        radii, since flags are carried per attack and the cache key holds the chain of smaller radii."""
+        return {k: v for k, v in self.as_dict().items() if k not in ("eps", "eps_str", "attacks")}
+
 
 @dataclass
 class AttackResult:

@@ -3,8 +3,9 @@
 The first norm is the report's main part (the top-level fields of report.json and the unsuffixed
 files, exactly as a one-norm evaluation writes them); each further norm is a :class:`NormSection`:
 ``sections[<norm>]`` of report.json (the same fields as the top level), a Markdown section with
-both tables and its own sanity checks, and the files suffixed with the norm
-(``table_eps_L2.csv``, ``table_attacks_L2.csv``, ``per_sample_L2.csv``, ``robust_vs_eps_L2.png``).
+both tables, its per-class accuracy and its own sanity checks, and the files suffixed with the norm
+(``table_eps_L2.csv``, ``table_attacks_L2.csv``, ``per_sample_L2.csv``, ``per_class_L2.csv``,
+``robust_vs_eps_L2.png``).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from .report import (
     table_eps,
 )
 from .results import SuiteResult
-from .stats import per_class, per_class_markdown
+from .stats import per_class, per_class_frame, per_class_markdown
 
-_TABLES = {"table_eps": table_eps, "table_attacks": table_attacks, "per_sample": per_sample_frame}
+_TABLES = {"table_eps": table_eps, "table_attacks": table_attacks, "per_sample": per_sample_frame,
+           "per_class": lambda result: per_class_frame(per_class(result))}
 
 
 class NormSection:
@@ -50,7 +52,8 @@ class NormSection:
                  _markdown_table(table_eps(r, ci=True)), "",
                  f"### {s.norm}: robust accuracy (%) per attack (Table 15 layout)", "",
                  _markdown_table(table_attacks(r, ci=True)), ""]
-        lines += per_class_markdown(per_class(r)) + [f"### {s.norm}: sanity checks", ""]
+        lines += per_class_markdown(per_class(r), heading=f"### {s.norm}: per class")
+        lines += [f"### {s.norm}: sanity checks", ""]
         lines += [f"- WARNING: {w}" for w in r.warnings] or ["- all passed"]
         return "\n".join(lines + [""])
 

@@ -165,10 +165,12 @@ def per_class_frame(counts: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("class")
 
 
-def per_class_markdown(counts: dict[str, Any]) -> list[str]:
-    """Report lines: per-class clean and worst-case accuracy with 95% intervals, then the worst class per eps."""
+def per_class_markdown(counts: dict[str, Any], heading: str = "## Per class") -> list[str]:
+    """Report lines: per-class clean and worst-case accuracy with 95% intervals, then the worst class per eps.
+
+    ``heading`` starts the title (``### L2: per class`` inside a further norm's section)."""
     eps_list = list(counts["robust"])
-    lines = ["## Per class: clean and worst-case robust accuracy (%)", "",
+    lines = [f"{heading}: clean and worst-case robust accuracy (%)", "",
              "| class | n | Clean | " + " | ".join(f"Worst {e}" for e in eps_list) + " |",
              "|" + "---|" * (3 + len(eps_list))]
     for i, c in enumerate(counts["classes"]):

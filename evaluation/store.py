@@ -5,7 +5,8 @@ the result: the model and data identity, the suite settings, the attack, the cha
 epsilons whose survivors it attacked and the chunk of points (never the process that ran it, so a
 resume on another number of processes reuses it). A file whose key does not match is never
 reused. ``suite.json`` (the manifest) records the eps list and chunk size of the run the folder
-belongs to; a resume that changes either is refused (:func:`check_resume`).
+belongs to; a resume that changes either is refused (:func:`check_resume`), except that a resume
+may add or leave out a whole norm (each norm is a suite of its own, with its own keys).
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def _manifest(eps: Sequence[Union[float, str]], chunk_size: int) -> dict[str, An
 
 
 def check_resume(folder: str | os.PathLike, eps: Sequence[Union[float, str]], chunk_size: int) -> None:
-    """Refuse (``UserError``) a resume whose chunk size or eps list differs from the saved run's.
+    """Refuse (``UserError``) a resume whose chunk size differs from the saved run's, or whose radii differ
+    for a norm both evaluate (a norm may be added or left out: its suite is independent of the others).
 
     Reads only: call it before anything is written. A folder without a manifest has nothing to check.
     """
@@ -122,7 +124,20 @@ def check_resume(folder: str | os.PathLike, eps: Sequence[Union[float, str]], ch
     if saved_chunk != wanted["chunk_size"]:
         raise UserError(f"--resume with --chunk-size {chunk_size}, but the saved state in {path.parent} was made "
                         f"with --chunk-size {saved_chunk}: pass --chunk-size {saved_chunk} (or drop --resume)")
-    if saved_eps != wanted["eps"]:
+    saved_by_norm, wanted_by_norm = _radii_by_norm(saved_eps), _radii_by_norm(wanted["eps"])
+    # A norm added to (or left out of) the saved run is its own suite; each norm both have keeps its radii.
+    if any(saved_by_norm[n] != wanted_by_norm[n] for n in saved_by_norm.keys() & wanted_by_norm.keys()):
         raise UserError(f"--resume with --eps {' '.join(wanted['eps'])}, but the saved state in {path.parent} was "
                         f"made for --eps {' '.join(saved_eps)}: pass the same --eps (or drop --resume, or use "
                         "another --out)")
+
+
+def _radii_by_norm(eps: Sequence[str]) -> dict[str, list[str]]:
+    """Manifest radii per norm: ``NORM:radius`` texts, a bare radius being L-inf (the one-norm L-inf form)."""
+    by_norm: dict[str, list[str]] = {}
+    for text in eps:
+        norm, sep, radius = text.partition(":")
+        if not sep:
+            norm, radius = "Linf", text
+        by_norm.setdefault(norm, []).append(radius)
+    return by_norm

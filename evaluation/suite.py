@@ -150,7 +150,7 @@ class _Runner:
         s = self.settings
         seed = chunk_seed(s.seed, eps, spec.name, chunk.index) if spec.is_autoattack \
             else attack_seed(s.seed, eps, spec.name)
-        key = self.store.key(spec.name, chain, s.as_dict(), chunk.as_dict()) if self.store is not None else ""
+        key = self.store.key(spec.name, chain, s.key_dict(), chunk.as_dict()) if self.store is not None else ""
         cached = self.store.load(spec.name, eps, key, chunk.index) if self.store is not None else None
         self._found = []
         if cached is not None and (self.adv_dir is None or self._adv_part(spec, eps, chunk).is_file()):

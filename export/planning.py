@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from checkpoints.run import default_out_dir
-from core.threat import parse_eps
+from core.threat import eps_text, parse_eps
 from errors import UserError
 
 from .boards import (
@@ -77,8 +77,26 @@ def plan_boards(req: ExportRequest, info: Mapping[str, Any], config: Mapping[str
         if skipped:
             notes.append(f"no RobustBench {dataset} board for the {', '.join(dict.fromkeys(skipped))} results: "
                          "not exported")
+        notes += _other_radii(req, config, reports, [b for b in boards_for(dataset) if b not in wanted], primary)
     return [BoardPlan(b, eps, _figures(req, reports, dataset, b, eps, notes)) for b in wanted
             for eps in [_board_eps(req, config, b, primary)]]
+
+
+def _other_radii(req: ExportRequest, config: Mapping[str, Any], reports: list[EvalReport], boards: list[str],
+                 primary: str) -> list[str]:
+    """Notes for boards left out because the reports' AutoAttack ran at other radii than the board's."""
+    notes = []
+    for board in boards:
+        eps = _board_eps(req, config, board, primary)
+        have = sorted({r.eps for rep in reports for part in [rep.threat(board)] if part is not None
+                       for r in part.rows if r.attack == "aa"})
+        if eps is None or not have:
+            continue
+        texts = [eps_text(e, board) for e in have]
+        fix = f"--eps {texts[0]}" if board == primary else f"--norm {board} --eps {texts[0]}"
+        notes.append(f"{board} not exported: the evaluation's AutoAttack ran at {', '.join(texts)}, the export "
+                     f"looks for {eps_text(eps, board)}; pass {fix} to export that figure")
+    return notes
 
 
 def _reports(req: ExportRequest, info: Mapping[str, Any]) -> list[EvalReport]:

@@ -55,11 +55,35 @@ def test_several_norms_in_one_report_and_compare(run_dir, capsys) -> None:  # no
     text = (out / "report.md").read_text()
     assert "## L2 threat model" in text and "## L1 threat model" in text and "| 0.5 |" in text
     assert "### L1: sanity checks" in text  # each norm's own checks
+    # each norm's per-class table inside its own section (one top-level per-class heading: the main norm's)
+    assert text.count("## Per class") == 1 and "### L2: per class" in text and "### L1: per class" in text
+    assert text.index("## L2 threat model") < text.index("### L2: per class") < text.index("## L1 threat model")
     assert pd.read_csv(out / "table_attacks_L1.csv", index_col=0, dtype={"eps": str}).index.tolist() == ["6"]
+    assert pd.read_csv(out / "per_class_L2.csv", index_col=0).columns[:2].tolist() == ["n", "clean"]
     for name in ("table_eps_L2.csv", "per_sample_L2.csv", "robust_vs_eps_L2.png", "robust_vs_eps_L1.png"):
         assert (out / name).is_file(), name
     header = comparison_table([str(run_dir)]).splitlines()[0]
     assert "PGD-5 8/255" in header and "PGD-5 L2 0.5" in header and "PGD-5 L1 6" in header
+
+
+def test_resume_adds_a_norm_and_reuses_the_finished_one(run_dir, capsys) -> None:  # noqa: F811
+    # The README: "to add a norm to a finished evaluation, rerun with the longer --norm list and --resume".
+    common = [str(run_dir), "--attacks", "pgd5", "--n-ex", "24", "--batch-size", "24", "--chunk-size", "12", "--quiet"]
+    assert eval_autoattack.main([*common, "--norm", "Linf", "--eps", "8/255"]) == 0
+    first = read_report(run_dir / "eval" / "report.json")
+    assert eval_autoattack.main([*common, "--resume", "--norm", "Linf", "L2", "--eps", "Linf:8/255", "L2:0.5"]) == 0
+    report = read_report(run_dir / "eval" / "report.json")
+    assert report.norms == ["Linf", "L2"]
+    assert [r["resumed"] for r in report.raw["results"] if r["attack"] == "pgd5"] == [True]
+    assert [r["resumed"] for r in report.threat("L2").raw["results"] if r["attack"] == "pgd5"] == [False]
+    assert report.raw["per_sample"] == first.raw["per_sample"]
+    capsys.readouterr()
+    # Other radii for a norm the saved run evaluated are still refused, nothing written.
+    before = (run_dir / "eval" / "report.json").read_bytes()
+    assert eval_autoattack.main([*common, "--resume", "--norm", "Linf", "L2", "--eps", "Linf:8/255", "L2:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made for --eps Linf:8/255 L2:0.5" in err[0]
+    assert (run_dir / "eval" / "report.json").read_bytes() == before
 
 
 def test_constant_model_corruptions_through_the_cli(fake_cifar_root, tmp_path, capsys) -> None:  # noqa: F811
@@ -136,6 +160,32 @@ def test_export_writes_linf_and_corruptions_model_info(tmp_path, capsys) -> None
     only = tmp_path / "only"
     assert export_robustbench.main([str(run), "--out", str(only), "--norm", "corruptions", "--device", "cpu"]) == 0
     assert [p.name for p in (only / "model_info" / "cifar10").iterdir()] == ["corruptions"]
+
+
+def test_export_names_a_board_left_out_for_its_radius(tmp_path, capsys) -> None:
+    # Linf AutoAttack at 4/255 (the run trained at 8/255, the radius the export looks for) and L2 at 0.5:
+    # L2 is exported, and Linf is not left out in silence.
+    from checkpoints.run import load_model
+    from evaluation.report import write_reports
+    from evaluation.sections import NormSection
+    from evaluation.suite import AttackResult, SuiteResult, SuiteSettings
+
+    run, _, _ = _make_run(tmp_path, "wrn-10-1", "cifar10", 10, seed=7)
+    parts = []
+    for norm, eps in (("Linf", 4 / 255), ("L2", 0.5)):
+        result = SuiteResult(SuiteSettings.build([eps], ["aa"], norm=norm), torch.zeros(4, dtype=torch.long),
+                             torch.tensor([True, True, True, False]))
+        result.results[(eps, "aa")] = AttackResult("aa", eps, torch.tensor([True, False, False, False]), 3, 1.0, 0)
+        parts.append(result)
+    _, info = load_model(run)
+    write_reports(parts[0], run / "eval", {"model": info, "data": {"dataset": "cifar10", "split": "test", "n": 4}},
+                  [NormSection(parts[1])])
+    out = tmp_path / "export"
+    assert export_robustbench.main([str(run), "--out", str(out), *CARD, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "model_info L2:" in captured.out and "model_info Linf:" not in captured.out
+    assert "note: Linf not exported: the evaluation's AutoAttack ran at 4/255, the export looks for 8/255; " \
+           "pass --eps 4/255" in captured.err
 
 
 def test_export_refuses_a_subset_of_the_corruptions(tmp_path, capsys) -> None:

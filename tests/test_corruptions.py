@@ -85,6 +85,15 @@ def test_resume_reuses_finished_pairs(tmp_path) -> None:
     other = run_corruptions(ConstantModel(0), data, CorruptionSettings.build(NAMES, [1, 3], n_ex=2),
                             store=ResultStore(tmp_path / "c", {"m": 1}, resume=True), progress=False)
     assert other.resumed == 0  # other settings: nothing reused
+    more = run_corruptions(ConstantModel(0), data, CorruptionSettings.build(NAMES, [1, 2, 3]),
+                           store=ResultStore(tmp_path / "c", {"m": 1}, resume=True), progress=False)
+    assert more.resumed == 4 and more.accuracy("snow", 1) == first.accuracy("snow", 1)  # a severity more
+    labels = np.zeros(20, dtype=np.uint8)  # another copy of the data, other labels: never its flags
+    elsewhere = CorruptedCifar.open("cifar10", write_fake_cifar_c(tmp_path / "b", NAMES, 4, labels=labels).parent,
+                                    NAMES)
+    moved = run_corruptions(DecodingModel(), elsewhere, settings, progress=False,
+                            store=ResultStore(tmp_path / "c", {"m": 1}, resume=True))
+    assert moved.resumed == 0
 
 
 def test_section_files_and_json(tmp_path) -> None:

@@ -58,6 +58,12 @@ def test_run_folder_end_to_end_then_resume(run_dir, capsys):
     again = json.loads((run_dir / "eval" / "report.json").read_text())
     assert all(row["resumed"] for row in again["results"] if row["attack"] != "worst")
     assert [r["robust_count"] for r in again["results"]] == [r["robust_count"] for r in report["results"]]
+    # another attack added on --resume: the finished ones are reused, not attacked again
+    more_attacks = [a for f in FAST for a in ([f, "pgd3"] if f == "cw5" else [f])]
+    assert eval_autoattack.main([str(run_dir), *more_attacks, "--resume"]) == 0
+    more = json.loads((run_dir / "eval" / "report.json").read_text())
+    resumed = {(r["eps_str"], r["attack"]): r["resumed"] for r in more["results"] if r["attack"] != "worst"}
+    assert resumed == {(e, a): a != "pgd3" for e in ("8/255", "16/255") for a in ("pgd5", "cw5", "pgd3")}
 
 
 def test_plain_state_dict_with_arch(tmp_path, digits_model, digits_test):

@@ -113,6 +113,32 @@ def test_compare_pairs_runs_on_the_same_points(tmp_path, capsys):
     assert "McNemar p" in capsys.readouterr().out
 
 
+def _norm_result(norm: str, robust: list[int]) -> SuiteResult:
+    settings = SuiteSettings.build([1.0], ["pgd10"], norm=norm)
+    result = SuiteResult(settings, torch.tensor(LABELS), torch.ones(10, dtype=torch.bool))
+    result.results[(1.0, "pgd10")] = AttackResult("pgd10", 1.0, torch.tensor(robust, dtype=torch.bool), 10, 0.0, 0)
+    return result
+
+
+def test_compare_pairs_each_norm_with_the_same_norm(tmp_path):
+    # A's main norm is L2 and B's is L1, both at radius 1 (written "1" in both): each norm's flags must be
+    # paired with the other run's flags of that norm, not with whatever its main part holds at "1".
+    from evaluation.sections import NormSection
+
+    l2_a, l1_a = [1] * 8 + [0] * 2, [1] * 2 + [0] * 8
+    l2_b, l1_b = [1] * 9 + [0], [1] * 3 + [0] * 7
+    for name, (first, section) in {"a": (_norm_result("L2", l2_a), _norm_result("L1", l1_a)),
+                                  "b": (_norm_result("L1", l1_b), _norm_result("L2", l2_b))}.items():
+        data = {"dataset": "digits", "split": "test", "n": 10,
+                "points": points_identity(torch.zeros(10, 3, 2, 2), first.labels)}
+        write_reports(first, tmp_path / name / "eval", {"data": data, "model": {}}, [NormSection(section)])
+    text = compare([str(tmp_path / "a"), str(tmp_path / "b")])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
+            for line in text.splitlines() if "| PGD-10 |" in line}
+    assert rows["L2 1"][:2] == ["80.00", "90.00"] and rows["L2 1"][4:6] == ["0", "1"]
+    assert rows["L1 1"][:2] == ["20.00", "30.00"] and rows["L1 1"][4:6] == ["0", "1"]
+
+
 @pytest.mark.parametrize("change,expect", [
     ("labels", "labels differ"), ("images", "images differ"), ("dataset", "dataset digits vs cifar10"),
     ("n", "n 10 vs 9"),

@@ -150,3 +150,24 @@ def test_training_with_l1_attacks_inside_the_l1_ball(tmp_path, monkeypatch) -> N
     sums = trainer.training_step(torch.rand(8, 3, 32, 32), torch.arange(8), epoch=2, lr=0.05)
     assert torch.isfinite(sums).all()
     assert seen and all(norm == "L1" and 0 < size <= eps <= 6.0 for norm, eps, size in seen), seen
+
+
+def test_an_l1_run_is_evaluated_at_its_own_radii_above_255(tmp_path, digits_model) -> None:
+    # Without --norm the run's training norm decides how --eps reads: 300 is an L1 radius here, not a
+    # Linf one outside [0, 1] (which the check before loading took it for).
+    import json
+
+    import eval_autoattack
+    from checkpoints.io import save_checkpoint
+    from training.config import TrainConfig, save_config
+
+    cfg = TrainConfig.from_dict(dict(dataset="digits", arch="small-cnn", norm="L1", eps="12")).validate()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    save_checkpoint({"format": "gkl-at/1", "model": digits_model.state_dict(), "avg_model": None, "arch": "small-cnn",
+                     "num_classes": 10, "dataset": "digits", "config": cfg.to_dict(), "epoch": 1, "global_step": 1},
+                    run / "checkpoints" / "last.pt")
+    assert eval_autoattack.main([str(run), "--eps", "300", "--attacks", "clean", "--n-ex", "8", "--quiet"]) == 0
+    settings = json.loads((run / "eval" / "report.json").read_text())["settings"]
+    assert settings["norm"] == "L1" and settings["eps"] == [300.0]
