@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unevaluated", action="store_true", help="export without measured accuracies")
     p.add_argument("--norm", choices=THREAT_MODELS, default=None,
                    help="export this board only (default: every board with results, the run's training norm first)")
-    p.add_argument("--eps", default=None, help="radius of the first board (default: the run's eps on its training "
-                                               "norm's board, else RobustBench's 8/255 or 0.5)")
+    p.add_argument("--eps", default=None, help="radius of the first board (default: the board's own, RobustBench's "
+                                               "8/255 or 0.5, whatever radius the run trained at)")
     card = p.add_argument_group("model_info fields only a human knows")
     card.add_argument("--name", default="", help="paper title")
     card.add_argument("--authors", default="", help="comma-separated authors")
@@ -115,6 +115,8 @@ def print_result(result) -> None:
 
 
 def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+        return  # the libraries' own deprecations on import (robustbench's torch.jit), not about this export
     print(f"note: {message}", file=sys.stderr)
 
 

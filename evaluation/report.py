@@ -33,6 +33,11 @@ REPORT_FILES = {"json": "report.json", "markdown": "report.md", "table_eps": "ta
 _PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "robustbench", "pandas")
 
 
+def _with_worst(result: SuiteResult) -> list[str]:
+    """The attacks run and their worst case; nothing when no eps attack ran (the worst case is undefined)."""
+    return result.attack_names + ["worst"] if result.attack_names else []
+
+
 def _labels(result: SuiteResult) -> dict[str, str]:
     return {a.name: a.label for a in result.settings.attacks}
 
@@ -52,7 +57,7 @@ def table_eps(result: SuiteResult, ci: bool = False) -> pd.DataFrame:
     """Table 14 layout: rows = attacks and Worst; columns = Clean, each eps (x/255), Avg. (``ci``: text cells)."""
     labels, norm = _labels(result), result.settings.norm
     rows = {}
-    for name in result.attack_names + ["worst"]:
+    for name in _with_worst(result):
         values = [_pct(result.accuracy(e, name)) for e in result.settings.eps]
         row = {"Clean": _cell(result, result.settings.eps[0], "clean", ci)}
         row.update({eps_text(e, norm): _cell(result, e, name, ci) for e in result.settings.eps})
@@ -70,7 +75,8 @@ def table_attacks(result: SuiteResult, ci: bool = False) -> pd.DataFrame:
     for eps in result.settings.eps:
         row = {"Clean": _cell(result, eps, "clean", ci)}
         row.update({labels[n]: _cell(result, eps, n, ci) for n in result.attack_names})
-        row["Worst"] = _cell(result, eps, "worst", ci)
+        if result.attack_names:
+            row["Worst"] = _cell(result, eps, "worst", ci)
         rows[eps_text(eps, norm)] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "eps"
@@ -82,7 +88,7 @@ def per_sample_frame(result: SuiteResult) -> pd.DataFrame:
     columns: dict[str, Any] = {"label": result.labels.tolist(), "clean": result.clean.int().tolist()}
     norm = result.settings.norm
     for eps in result.settings.eps:
-        for name in result.attack_names + ["worst"]:
+        for name in _with_worst(result):
             columns[f"{name}@{eps_text(eps, norm)}"] = result.robust(eps, name).int().tolist()
     frame = pd.DataFrame(columns)
     frame.index.name = "index"
@@ -104,7 +110,7 @@ def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> d
     labels, norm = _labels(result), result.settings.norm
     rows = []
     for eps in result.settings.eps:
-        for name in result.attack_names + ["worst"]:
+        for name in _with_worst(result):
             flags = result.robust(eps, name)
             res = result.results.get((eps, name))
             rows.append({"eps": eps, "eps_str": eps_text(eps, norm), "attack": name,
@@ -117,7 +123,7 @@ def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> d
     per_sample = {"clean": _bits(result.clean)}
     for eps in result.settings.eps:
         per_sample[eps_text(eps, norm)] = {n: _bits(result.robust(eps, n))
-                                           for n in result.attack_names + ["worst"]}
+                                           for n in _with_worst(result)}
     return {"created": now_iso(),
             "settings": result.settings.as_dict(), **(meta or {}),
             "n": result.n, "clean_accuracy": result.clean.float().mean().item(),
@@ -154,10 +160,15 @@ def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) 
               "- multi-eps: at each eps an attack runs only on the points it could not break at the "
               "previous eps",
               f"- [low, high]: 95% Wilson interval over the {result.n} points (Avg.: mean over eps, no interval)", ""]
-    lines += ["## Robust accuracy (%) across eps (Table 14 layout)", "", _markdown_table(table_eps(result, ci=True)), ""]
-    lines += ["## Robust accuracy (%) per attack (Table 15 layout)", "",
-              _markdown_table(table_attacks(result, ci=True)), ""]
-    lines += per_class_markdown(per_class(result))
+    if result.attack_names:
+        lines += ["## Robust accuracy (%) across eps (Table 14 layout)", "",
+                  _markdown_table(table_eps(result, ci=True)), ""]
+        lines += ["## Robust accuracy (%) per attack (Table 15 layout)", "",
+                  _markdown_table(table_attacks(result, ci=True)), ""]
+        lines += per_class_markdown(per_class(result))
+    else:
+        lines += [f"No eps attack ran: clean accuracy {ci_cell(int(result.clean.sum()), result.n)} % over "
+                  f"{result.n} points.", ""]
     lines += ["## Sanity checks", ""]
     lines += [f"- WARNING: {w}" for w in result.warnings] or ["- all passed"]
     seconds = sum(r.seconds for r in result.results.values() if not r.cached)
@@ -177,7 +188,7 @@ def plot_robustness(result: SuiteResult, path: str | os.PathLike) -> None:
     norm = result.settings.norm
     xs = [e * (255 if norm == "Linf" else 1) for e in result.settings.eps]
     labels = _labels(result)
-    for name in result.attack_names + ["worst"]:
+    for name in _with_worst(result):
         ys = [100 * result.accuracy(e, name) for e in result.settings.eps]
         style = dict(linestyle="--", color="black") if name == "worst" else {}
         ax.plot(xs, ys, marker="o", label=labels.get(name, "Worst"), **style)

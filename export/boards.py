@@ -82,14 +82,19 @@ def corruption_figures_from_report(report: "EvalReport", *, dataset: str) -> Cor
     if part is None:
         raise UserError(f"{path} has no common-corruptions results: run eval_autoattack.py SOURCE --attacks "
                         f"clean corruptions --data-dir DIR (with {FOLDERS.get(dataset, 'CIFAR-10-C')}/ in DIR)")
-    pairs = set(part.accuracies)
-    if pairs != {(c, s) for c in CORRUPTIONS for s in SEVERITIES}:
+    if not all_corruptions(report):
         raise UserError(f"{path} evaluated {len(part.corruptions)} of {len(CORRUPTIONS)} corruptions at "
                         f"{len(part.severities)} of {len(SEVERITIES)} severities; RobustBench's figure averages all "
                         f"{len(CORRUPTIONS) * len(SEVERITIES)}: rerun --attacks corruptions without --corruptions "
                         "and --severities")
     return CorruptionFigures(clean=report.clean_accuracy, corruptions=part.mean_accuracy, n=part.n_per_severity,
                              source=str(path))
+
+
+def all_corruptions(report: "EvalReport") -> bool:
+    """Whether the report's corruptions section covers all 15 x 5 pairs (RobustBench's figure)."""
+    part = report.corruptions
+    return part is not None and set(part.accuracies) == {(c, s) for c in CORRUPTIONS for s in SEVERITIES}
 
 
 def has_results(report: "EvalReport", board: str, eps: Optional[float]) -> bool:

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from checkpoints.run import default_out_dir
-from core.threat import eps_text, parse_eps
+from core.threat import eps_text
 from errors import UserError
 
 from .boards import (
     CORRUPTIONS_BOARD,
     STANDARD_EPS,
     BoardFigures,
+    all_corruptions,
     boards_for,
     corruption_figures_from_report,
     figures_from_report,
@@ -42,13 +43,12 @@ class BoardPlan:
 
 
 def _board_eps(req: ExportRequest, config: Mapping[str, Any], board: str, primary: str) -> Optional[float]:
-    """``--eps`` (for the first board), else the run's training radius on its own board, else RobustBench's."""
+    """``--eps`` (for the first board), else the board's own radius (RobustBench's 8/255 and 0.5, which is also
+    what eval_autoattack.py evaluates by default), whatever radius the run trained at."""
     if board == CORRUPTIONS_BOARD:
         return None
     if board == primary and req.eps is not None:
         return float(req.eps)
-    if board == primary and config.get("eps") is not None and config.get("norm", "Linf") == board:
-        return parse_eps(config["eps"], board)
     return STANDARD_EPS[board]
 
 
@@ -68,8 +68,16 @@ def plan_boards(req: ExportRequest, info: Mapping[str, Any], config: Mapping[str
         if req.norm not in boards_for(dataset):
             notes.append(f"RobustBench has no {dataset} {req.norm} board: that model_info is for reference only")
     else:
+        # a quick look at a few corruptions is no board entry (unless --claim measures the board itself):
+        # the other boards still export
+        partial = [] if req.claim else [r for r in reports if r.corruptions is not None and not all_corruptions(r)]
+        if partial:
+            notes.append(f"{CORRUPTIONS_BOARD} not exported: {partial[0].path} evaluated a subset of the 15 x 5 "
+                         "corruptions, RobustBench's figure averages all of them (rerun --attacks corruptions "
+                         "without --corruptions/--severities)")
         available = [b for b in boards_for(dataset)
-                     if any(has_results(r, b, _board_eps(req, config, b, primary)) for r in reports)]
+                     if any(has_results(r, b, _board_eps(req, config, b, primary))
+                            and (b != CORRUPTIONS_BOARD or req.claim or all_corruptions(r)) for r in reports)]
         if req.eps is not None or not available:
             available = [primary] + [b for b in available if b != primary]
         wanted = sorted(available, key=lambda b: b != primary)

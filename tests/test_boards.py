@@ -105,10 +105,13 @@ def test_constant_model_corruptions_through_the_cli(fake_cifar_root, tmp_path, c
     assert corr.accuracies == {(c, s): pytest.approx(s / 5) for c in ("fog", "contrast") for s in SEVERITIES}
     table = pd.read_csv(out / "table_corruptions.csv", index_col=0)
     assert table.loc["Mean"].tolist() == [20.0, 40.0, 60.0, 80.0, 100.0, 60.0]  # the per-severity row
-    assert "## Common corruptions: CIFAR-10-C" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "## Common corruptions: CIFAR-10-C" in markdown
+    # no eps attack ran: no "Worst" figure (it would only repeat the clean accuracy as if it were robust)
+    assert "Worst" not in markdown and "No eps attack ran" in markdown and report.rows == []
     assert (out / "corruptions_heatmap.png").is_file()
     table = comparison_table([str(out / "report.json")]).splitlines()
-    assert "| corruptions mean |" in table[0] and table[2].endswith("| 60.00 |")
+    assert table[0] == "| run | clean | corruptions mean |" and table[2].endswith("| 60.00 |")
 
 
 def _report_with_corruptions(run: Path, clean: list[bool], aa: list[bool], flags: dict, names=None) -> None:
@@ -188,7 +191,7 @@ def test_export_names_a_board_left_out_for_its_radius(tmp_path, capsys) -> None:
            "pass --eps 4/255" in captured.err
 
 
-def test_export_refuses_a_subset_of_the_corruptions(tmp_path, capsys) -> None:
+def test_export_refuses_a_subset_of_the_corruptions_and_exports_the_other_boards(tmp_path, capsys) -> None:
     run, _, _ = _make_run(tmp_path, "wrn-10-1", "cifar10", 10, seed=5)
     partial = {(c, s): [True, False] for c in CORRUPTIONS[:3] for s in SEVERITIES}
     _report_with_corruptions(run, [True, False], [False, False], partial, names=CORRUPTIONS[:3])
@@ -196,6 +199,12 @@ def test_export_refuses_a_subset_of_the_corruptions(tmp_path, capsys) -> None:
     assert export_robustbench.main([str(run), "--out", str(out), "--norm", "corruptions"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 of 15 corruptions" in err[0] and not out.exists()
+    # without --norm the other boards still export, and the left-out one is named
+    assert export_robustbench.main([str(run), "--out", str(out), *CARD, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "model_info Linf:" in captured.out and "model_info corruptions" not in captured.out
+    assert "note: corruptions not exported:" in captured.err
+    assert [p.name for p in (out / "model_info" / "cifar10").iterdir()] == ["Linf"]
 
 
 def test_boards_match_robustbench() -> None:

@@ -335,3 +335,10 @@ def test_a_run_without_averaged_weights_is_one_note_line(tmp_path, capsys) -> No
     assert len(err) == 2 and "Warning" not in "".join(err), err
     assert err[0] == "note: last.pt has no averaged weights (averaging off or not started): using the raw weights"
     assert err[1].startswith("error: no evaluation found")
+
+
+def test_library_deprecations_are_not_printed_as_notes(capsys) -> None:
+    export_robustbench._note("`torch.jit.interface` is deprecated", FutureWarning, "x.py", 1)
+    export_robustbench._note("old", DeprecationWarning, "x.py", 1)
+    export_robustbench._note("last.pt has no averaged weights", UserWarning, "x.py", 1)
+    assert capsys.readouterr().err == "note: last.pt has no averaged weights\n"
