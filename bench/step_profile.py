@@ -44,6 +44,11 @@ class PhaseTimer:
             yield
             self.events[name].append(time.perf_counter() - t0)
 
+    @property
+    def names(self) -> list[str]:
+        """The phases seen so far, in the order they first ran."""
+        return list(self.events)
+
     def seconds(self) -> dict[str, float]:
         """Total seconds per phase (synchronises the device once)."""
         if self.cuda:

@@ -85,5 +85,5 @@ def test_the_phase_hook_sees_every_phase_of_a_step():
     m.phase = timer = PhaseTimer(torch.device("cpu"))
     engine.training_step(m, torch.rand(8, 3, 32, 32), torch.arange(8) % 10, budget=attack_budget(cfg.eps, 2, 2),
                          lr=0.05, awp_on=True, step=1)
-    assert list(timer.seconds()) == ["natural forward", "attack", "awp perturb", "training forward",
+    assert timer.names == ["natural forward", "attack", "awp perturb", "training forward",
                                      "training backward", "optimizer", "awp restore", "bank + averaging"]
