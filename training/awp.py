@@ -24,8 +24,9 @@ class AWP:
         self.proxy_opt = torch.optim.SGD(proxy.parameters(), lr=lr)
         names = [n for n, p in model.named_parameters() if p.ndim > 1]
         # The Parameter objects outlive dtype/device moves and state-dict loads (they are filled in place).
-        self._w = [dict(model.named_parameters())[n] for n in names]
-        self._wp = [dict(proxy.named_parameters())[n] for n in names]
+        params, proxy_params = dict(model.named_parameters()), dict(proxy.named_parameters())
+        self._w = [params[n] for n in names]
+        self._wp = [proxy_params[n] for n in names]
         self._diff: list[torch.Tensor] | None = None
         self._backup: list[torch.Tensor] = []  # reused every step (refilled in place)
 
