@@ -138,7 +138,7 @@ def probe_run_dir(run_dir: Path) -> None:
 
 def check_world_size(batch_size: int) -> None:
     """The global batch must split evenly over the processes torchrun starts (checked before any init)."""
-    from training.distributed import world_size_from_env
+    from core.distributed import world_size_from_env
 
     world = world_size_from_env()
     if batch_size % world:

@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.train_step import bench_config, synthetic_step
-from training import distributed as dist_utils
+from core import distributed as dist_utils
 
 
 def _free_port() -> int:

@@ -88,7 +88,7 @@ def chunk_seed(seed: int, eps: float, attack: str, chunk: int) -> int:
 
 def env_world_size() -> int:
     """``WORLD_SIZE`` as torchrun sets it (1 when absent), read before any process group exists."""
-    from training.distributed import world_size_from_env
+    from core.distributed import world_size_from_env
 
     return world_size_from_env()
 
@@ -121,7 +121,7 @@ def device_for(device: torch.device, world: int) -> torch.device:
 
 def start(device: torch.device) -> Shard:
     """Join torchrun's process group (gloo on the CPU, NCCL on CUDA); a single process joins nothing."""
-    from training.distributed import init_from_env
+    from core.distributed import init_from_env
 
     if env_world_size() == 1:
         return Shard()
@@ -130,7 +130,7 @@ def start(device: torch.device) -> Shard:
 
 
 def stop() -> None:
-    from training.distributed import cleanup
+    from core.distributed import cleanup
 
     cleanup()
 
@@ -139,7 +139,7 @@ def gather(local: Any, shard: Shard) -> list[Any]:
     """Every process's ``local`` in rank order, on every process (``[local]`` for one process)."""
     if shard.world_size == 1:
         return [local]
-    from training.distributed import gather_objects
+    from core.distributed import gather_objects
 
     return gather_objects(local)
 

@@ -16,8 +16,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from core.distributed import sum_over_ranks
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -77,3 +80,57 @@ def convert_ghost_batchnorm(module: nn.Module, splits: int) -> nn.Module:
                                 track_running_stats=bn.track_running_stats)
 
     return replace_batchnorm(module, make, (nn.BatchNorm2d,))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch normalisation over the batch of all ranks, for any device (``nn.SyncBatchNorm`` is GPU-only).
+
+    The per-channel sums travel through the differentiable all-reduce, so the backward pass
+    sums their gradients over ranks exactly as a single process with the whole batch would.
+    Outside training, or in a single process, it is plain batch normalisation.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        # Two passes (mean, then squared deviations) avoid E[x^2] - E[x]^2 cancellation.
+        total = sum_over_ranks(torch.cat([x.sum(dims), count]))
+        n = total[-1].detach()
+        mean = total[:-1] / n
+        centred = x - mean.reshape(shape)
+        var = sum_over_ranks(centred.square().sum(dims)) / n
+        out = centred * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach() * n / (n - 1).clamp_min(1))
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(var_unbiased.to(self.running_var.dtype), factor)
+
+
+def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
+    """Batch norm over all ranks: ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` elsewhere.
+
+    Parameters and buffers are shared with the original layers; state-dict keys do not change.
+    """
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    def make(bn: nn.Module) -> nn.Module:
+        if isinstance(bn, GlobalBatchNorm):
+            return bn
+        return GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+
+    return replace_batchnorm(module, make)

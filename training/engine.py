@@ -19,9 +19,10 @@ import torch.nn as nn
 
 from attacks.context import attack_mode
 from attacks.pgd import pgd
+from core import distributed as dist_utils
 from losses import ScoreBank
+from models.batchnorm import convert_sync_batchnorm
 
-from . import distributed as dist_utils
 from .averaging import WeightAverager
 from .awp import AWP
 from .methods import LossSpec, scores_for, training_loss
@@ -84,7 +85,7 @@ def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1,
     spec = LossSpec.from_config(cfg)
     model = build_model(cfg.arch, num_classes).to(device)
     if cfg.sync_bn and distributed:
-        model = dist_utils.convert_sync_batchnorm(model, device.type)
+        model = convert_sync_batchnorm(model, device.type)
     # Before the AWP deepcopy: the released proxy was a DataParallel module too.
     model = convert_ghost_batchnorm(model, cfg.ghost_bn_splits(world_size))
     if cfg.channels_last and device.type == "cuda":

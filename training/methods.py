@@ -19,10 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attacks.pgd import Objective
+from core.distributed import mean_over_ranks
 from core.registry import Registry
 from losses import gkl_loss, kl_loss
-
-from .distributed import mean_over_ranks
 
 Tensor = torch.Tensor
 Parts = dict[str, Tensor]

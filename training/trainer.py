@@ -24,6 +24,7 @@ from checkpoints.io import (
     save_checkpoint,
     write_failure,
 )
+from core import distributed as dist_utils
 from core.device import resolve_device
 from core.files import atomic_copy
 from core.provenance import code_version
@@ -32,7 +33,6 @@ from data import NUM_CLASSES
 from data.sampler import epoch_seed
 from errors import UserError
 
-from . import distributed as dist_utils
 from . import engine
 from .config import TrainConfig, save_config
 from .loaders import VAL_SPLIT_SEED, build_training_data  # noqa: F401  (VAL_SPLIT_SEED: API)
