@@ -248,3 +248,33 @@ def test_pip_wheel_builds_a_wheel_that_owns_no_generic_top_level_name(tmp_path: 
             % (str(ROOT), str(site), sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))))
     module_file, configs = _python(code, cwd=tmp_path).split()
     assert module_file == str(site / "gkl_at_modules" / "losses" / "__init__.py") and configs == "True"
+
+
+def test_the_library_doc_loads_a_checkpoint_in_a_user_script(tmp_path: Path) -> None:
+    """docs/LIBRARY.md's example, run as written in a folder of the user's, on a run folder of the trainer's format."""
+    import re
+
+    import torch
+
+    from checkpoints.io import save_checkpoint
+    from models import build_model
+
+    text = (ROOT / "docs" / "LIBRARY.md").read_text()
+    example = re.search(r"## Load a checkpoint in your script\s+```python\n(.*?)```", text, re.S).group(1)
+    torch.manual_seed(0)
+    raw, avg = build_model("tiny-cnn", num_classes=10), build_model("tiny-cnn", num_classes=10)
+    save_checkpoint({"format": "gkl-at/1", "model": raw.state_dict(), "avg_model": avg.state_dict(), "arch": "tiny-cnn",
+                     "num_classes": 10, "dataset": "digits", "epoch": 3, "global_step": 30},
+                    tmp_path / "runs" / "quickstart" / "gkl" / "checkpoints" / "last.pt")
+    check = ("\ntorch.manual_seed(0); x = torch.rand(4, 3, 32, 32)\n"
+             "print(model.training, ','.join(repr(v) for v in model(x).flatten().tolist()))")
+    lines = _python(example + check, cwd=tmp_path).splitlines()
+    assert lines[0] == "tiny-cnn digits epoch 3 avg weights"
+    assert re.fullmatch(r"tensor\(\[\d, \d, \d, \d\]\)", lines[1])
+    training, logits = lines[2].split()
+    logits = torch.tensor([float(v) for v in logits.split(",")])
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert training == "False" and (logits - avg.eval()(x).flatten()).abs().max() < 1e-4
+        assert (logits - raw.eval()(x).flatten()).abs().max() > 1e-3  # the averaged weights, not the raw ones
