@@ -5,8 +5,9 @@ An accuracy over ``n`` points is a binomial proportion; :func:`wilson` gives its
 approximation fails. Two models evaluated on the same points are compared point by point: the 2x2
 table of their flags (:class:`PairedTable`) gives the paired difference with Newcombe's hybrid score
 interval (method 10 of Newcombe 1998, Statistics in Medicine 17:2635-2650; no library has it) and
-the exact McNemar test (scipy's two-sided binomial test of the points only one model gets right). Pairing is what makes a +0.5 point gain on
-10,000 points testable: the points both models get right or wrong carry no noise.
+the exact McNemar test (scipy's two-sided binomial test of the points only one model gets right).
+Pairing is what makes a +0.5 point gain on 10,000 points testable: the points both models get right
+or wrong carry no noise.
 
 Also here: per-class clean and worst-case robust accuracy of a suite result.
 """

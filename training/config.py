@@ -328,11 +328,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             if key in seen:  # shared by methods with one prefix (gkl, ikl, dkl)
                 continue
             seen.add(key)
+            users = ", ".join(m.name for m in METHODS.values() if key in {m.key(q.name) for q in m.params})
             was = f"; was --{', --'.join(_flag(k) for k in p.old_keys)}" if p.old_keys else ""
             limits = f", {p.range_text()}" if p.range_text() else ""
             methods.add_argument(f"--{_flag(key)}", dest=f"cfg_{key}", default=None,
                                  metavar="BOOL" if p.type is bool else p.type.__name__.upper(),
-                                 help=f"{method.prefix or method.name}: {p.help} (default {p.default!r}{limits}{was})")
+                                 help=f"{users}: {p.help} (default {p.default!r}{limits}{was})")
             old_keys.update(p.old_keys)
     for key in sorted(old_keys):
         group.add_argument(f"--{_flag(key)}", dest=f"cfg_{key}", default=None, help=argparse.SUPPRESS)
@@ -355,10 +356,11 @@ def build_config(preset: Optional[str], args: argparse.Namespace, base: Optional
         upgraded, done = upgrade_keys(layer, loss)
         values.update(upgraded)
         renames += done
+    cfg = TrainConfig.from_dict(values).validate()  # a bad value: its error is the only line
     if renames and os.environ.get("RANK", "0") == "0":
         print(f"note: old config key(s) read under their new names: {', '.join(dict.fromkeys(renames))} "
               "(the old names keep working; see --print-config)", file=sys.stderr)
-    return TrainConfig.from_dict(values).validate()
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
