@@ -8,9 +8,9 @@
   step left by an earlier, interrupted process are hidden by every TensorBoard reader;
 - ``wandb`` (``pip install wandb``): one W&B run per folder, its id kept in ``FOLDER/wandb_run_id``
   so a resumed run continues it; ``WANDB_MODE=offline`` works without a server (``wandb sync`` later);
-- ``mlflow`` (``pip install mlflow-skinny``): one MLflow run per folder, its id kept in
-  ``FOLDER/mlflow_run_id``; the store is ``$MLFLOW_TRACKING_URI`` or, without one, the file
-  store ``FOLDER/mlruns`` (no server: ``mlflow ui --backend-store-uri FOLDER/mlruns``);
+- ``mlflow`` (``pip install mlflow`` or ``mlflow-skinny``): one MLflow run per folder, its id kept
+  in ``FOLDER/mlflow_run_id``; the store is ``$MLFLOW_TRACKING_URI``, else a local one in the folder
+  (:func:`mlflow_store`; no server: ``mlflow ui --backend-store-uri sqlite:///FOLDER/mlflow.db``);
 - ``none``: nothing.
 
 A missing optional package is a ``UserError`` raised by :func:`make_tracker`, before anything runs.
@@ -18,7 +18,9 @@ A missing optional package is a ``UserError`` raised by :func:`make_tracker`, be
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -98,7 +100,7 @@ class WandbTracker(Tracker):
     def start(self, first_step: int) -> None:
         import wandb
 
-        run_id = _run_id(self.folder / "wandb_run_id", first_step, wandb.util.generate_id)
+        run_id = _run_id(self.folder / "wandb_run_id", first_step)
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gkl-at"), name=self.run_name, id=run_id,
                                   resume="allow", dir=str(self.folder), config=self.config, job_type=self.job)
@@ -127,8 +129,7 @@ class MlflowTracker(Tracker):
     def start(self, first_step: int) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.folder / "mlruns").absolute().as_uri()
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=mlflow_store(self.folder))
         id_file = self.folder / "mlflow_run_id"
         saved = id_file.read_text().strip() if first_step > 1 and id_file.is_file() else None
         if saved:
@@ -156,14 +157,25 @@ class MlflowTracker(Tracker):
         self.client = None
 
 
+def mlflow_store(folder: Path) -> str:
+    """``$MLFLOW_TRACKING_URI``; else the SQLite store ``FOLDER/mlflow.db`` where SQLAlchemy is installed (the full
+    ``mlflow`` package), else the file store ``FOLDER/mlruns`` (``mlflow-skinny``; MLflow 3 asks for an opt-in)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        return f"sqlite:///{(folder / 'mlflow.db').absolute()}"
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return (folder / "mlruns").absolute().as_uri()
+
+
 _CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker, "none": Tracker}
 
 
-def _run_id(path: Path, first_step: int, new_id) -> str:
+def _run_id(path: Path, first_step: int) -> str:
     """The run id saved in ``path`` when continuing a run (``first_step > 1``), else a new one, saved."""
     if first_step > 1 and path.is_file() and path.read_text().strip():
         return path.read_text().strip()
-    run_id = new_id()
+    run_id = secrets.token_hex(4)  # W&B run ids: lower-case letters and digits
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, run_id + "\n")
     return run_id

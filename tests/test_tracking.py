@@ -143,7 +143,9 @@ def test_optional_trackers_log_offline(name, tmp_path, monkeypatch):
     if name == "mlflow":
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=(tmp_path / "mlruns").absolute().as_uri())
+        from core.tracking import mlflow_store
+
+        client = MlflowClient(tracking_uri=mlflow_store(tmp_path))
         history = client.get_metric_history(ids[0], "train/loss")
         assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
     else:
