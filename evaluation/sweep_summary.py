@@ -128,7 +128,8 @@ def _paired_cells(focus: pd.DataFrame) -> dict[str, list[str]]:
         cells["difference (% points) [95% CI]"].append(
             f"{100 * r['difference']:+.2f} [{100 * r['difference_ci_low']:+.2f}, {100 * r['difference_ci_high']:+.2f}]"
             if paired else "baseline" if pd.isna(r.get("paired_seeds")) else "no common seed")
-        cells["only baseline / only this"].append(f"{int(r['only_baseline'])} / {int(r['only_this'])}" if paired else "")
+        counts = f"{int(r['only_baseline'])} / {int(r['only_this'])}" if paired else ""
+        cells["only baseline / only this"].append(counts)
         cells["McNemar p"].append(f"{r['mcnemar_p']:.3g}" if paired else "")
     return cells
 
