@@ -105,8 +105,9 @@ class WandbTracker(Tracker):
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gkl-at"), name=self.run_name, id=run_id,
                                   resume="allow", dir=str(self.folder), config=self.config, job_type=self.job)
         except Exception as e:  # wandb raises its own types (no login, no network)
-            raise UserError(f"--tracker wandb could not start: {str(e).splitlines()[0][:200]}; run `wandb login`, or "
-                            "set WANDB_MODE=offline (sync later with `wandb sync`), or choose another --tracker") from None
+            raise UserError(f"--tracker wandb could not start: {str(e).splitlines()[0][:200]}; run `wandb login`, "
+                            "or set WANDB_MODE=offline (sync later with `wandb sync`), or choose another --tracker"
+                            ) from None
 
     def log(self, scalars: Mapping[str, float], step: int) -> None:
         self.run.log(dict(scalars), step=step)  # W&B ignores steps below the run's current one
