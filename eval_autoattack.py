@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-adv", action="store_true", help="save adversarial examples under --out/adv")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-attack lines")
+    p.add_argument("--tracker", default="tensorboard", help="where the accuracies also go: tensorboard (OUT/tb, the "
+                   "default), wandb, mlflow or none (evaluation/tracking.py)")
     return p
 
 
@@ -87,6 +89,9 @@ def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None, *
     from evaluation.corruptions import CORRUPTIONS_ATTACK, CorruptionSettings
     from evaluation.results import SuiteSettings
 
+    from core.tracking import require
+
+    require(args.tracker)
     if (args.source is None) == (args.robustbench_model is None):
         raise UserError("pass exactly one model: a SOURCE path or --robustbench-model NAME")
     if args.n_ex is not None and args.n_ex <= 0:
@@ -161,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.inputs import points_identity
     from evaluation.sections import NormSection
     from evaluation.store import check_resume
+    from evaluation.tracking import track_report
 
     # Without --norm the radii may be in the run's training norm (L1 up to 3072): they wait for it.
     suites, corruptions = _validate(args, radii_may_wait=_chosen_norms(args) is None)
@@ -211,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
                     "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
                     "wall_seconds": round(time.perf_counter() - start, 2)}
             paths = write_reports(results[0], out, meta, sections)
+            track_report(args.tracker, out, paths["json"])
         finally:
             sharding.stop()
     lines = [f"{r.settings.norm}: {summary_line(r)}" if len(results) > 1 else summary_line(r) for r in results]

@@ -22,6 +22,7 @@ import yaml
 
 from core.files import atomic_write_text
 from core.threat import NORMS, eps_text, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
+from core.tracking import TRACKERS
 from errors import UserError
 
 from .methods import METHODS, declared_parameters, get_method, key_for_old_name
@@ -111,6 +112,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays CUDA graphs
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace without code generation)
     deterministic: bool = False
+    tracker: str = "tensorboard"  # live scalars of every log.csv column: tensorboard (RUN/tb) | wandb | mlflow | none
     preset: Optional[str] = None
 
     def __init__(self, **values: Any) -> None:
@@ -150,7 +152,7 @@ class TrainConfig:
                    "eps_schedule": EPS_SCHEDULES, "attack_budget": ATTACK_BUDGETS,
                    "lr_schedule": LR_SCHEDULES, "averaging": AVERAGING, "weight_source": WEIGHT_SOURCES,
                    "amp": AMP_MODES, "norm": NORMS, "compile_mode": COMPILE_MODES,
-                   "awp_proxy_views": AWP_PROXY_VIEWS, "generated_epoch": GENERATED_EPOCHS}
+                   "awp_proxy_views": AWP_PROXY_VIEWS, "generated_epoch": GENERATED_EPOCHS, "tracker": TRACKERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "
