@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.corruptions import CORRUPTIONS_ATTACK
     from evaluation.inputs import SPLITS
     from evaluation.sharding import DEFAULT_CHUNK_SIZE
-    from evaluation.spec import EXAMPLES
+    from evaluation.spec import attack_examples
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="run folder, project checkpoint .pt, or plain state dict .pt")
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radii in the norm's notation: Linf 8, 8/255 or 0.0314; L2 0.5; L1 12. With several "
                         "--norm write NORM:RADIUS (Linf:8/255 L2:0.5). Default: RobustBench's 8/255, 0.5 and 12")
     p.add_argument("--attacks", nargs="+", default=["aa"],
-                   help=f"from: {EXAMPLES}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) (default aa)")
+                   help=f"from: {attack_examples()}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) "
+                        "(default aa)")
     p.add_argument("--n-ex", type=int, default=None,
                    help="evaluate the first N points (default all); with corruptions: per corruption and severity")
     p.add_argument("--batch-size", type=int, default=256)
