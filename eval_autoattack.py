@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--weights", choices=WEIGHTS, default="avg", help="averaged (default) or raw weights")
     p.add_argument("--checkpoint", default="last", help="last (default), best, or epoch_NNNN in a run folder")
-    p.add_argument("--arch", default=None, help="architecture of a plain state dict (e.g. wrn-34-10)")
+    p.add_argument("--arch", default=None, help="architecture of a plain state dict: a registry name (e.g. "
+                   "wrn-34-10) or MODULE:CALLABLE (e.g. my_nets.py:make), a function or class returning the model")
+    p.add_argument("--arch-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of a MODULE:CALLABLE architecture, a JSON object (e.g. '{\"width\": 64}')")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     p.add_argument("--resume", action="store_true", help="reuse finished results and AutoAttack state in --out")
     p.add_argument("--save-adv", action="store_true", help="save adversarial examples under --out/adv")
@@ -127,7 +130,7 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]]:
     num_classes = NUM_CLASSES[args.dataset] if args.dataset else None
     with warnings.catch_warnings(record=True):  # the same text comes back in info["notes"], printed once
         return load_model(args.source, weights=args.weights, checkpoint=args.checkpoint, arch=args.arch,
-                          num_classes=num_classes, device=device)
+                          num_classes=num_classes, arch_kwargs=args.arch_kwargs, device=device)
 
 
 def _default_out(args: argparse.Namespace) -> Path:
@@ -152,6 +155,7 @@ def _identity(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Validate, load, evaluate, write reports; returns the exit code."""
     from core.device import resolve_device
+    from data import NUM_CLASSES
     from data.corruptions import CorruptedCifar
     from evaluation import (
         ResultStore,
@@ -167,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.sections import NormSection
     from evaluation.store import check_resume
     from evaluation.tracking import track_report
+    from models import check_output
 
     # Without --norm the radii may be in the run's training norm (L1 up to 3072): they wait for it.
     suites, corruptions = _validate(args, radii_may_wait=_chosen_norms(args) is None)
@@ -184,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or config.get("data_dir") or "./datasets"
     corrupted = CorruptedCifar.open(dataset, data_dir, corruptions.corruptions) if corruptions else None
     x, y = load_eval_data(dataset, args.split, data_dir, args.n_ex)
+    check_output(model, tuple(x.shape[1:]), NUM_CLASSES[dataset], info.get("arch") or "the model")
     data = {"dataset": dataset, "split": args.split, "n": len(y), "n_ex": args.n_ex, "data_dir": data_dir,
             "description": f"{dataset} {args.split} split, first {len(y)} points", "points": points_identity(x, y)}
     short = args.n_ex is not None and args.n_ex > len(y)

@@ -61,7 +61,8 @@ class TrainConfig:
     val_size: int = 0  # training images held out for per-epoch metrics and `best` (0: none, train on all)
     drop_last: bool = False  # drop each epoch's last partial batch (the released TRADES script does)
     # model
-    arch: str = "wrn-34-10"
+    arch: str = "wrn-34-10"  # a registry name, or MODULE:CALLABLE (models.factory)
+    arch_kwargs: str = ""  # JSON object of the architecture's keyword arguments, e.g. '{"width": 64}'
     sync_bn: bool = False
     ghost_bn: int = 0  # images per BatchNorm call in a full batch of one process (DataParallel's per-GPU batch); 0: off
     # loss
@@ -145,10 +146,10 @@ class TrainConfig:
             object.__setattr__(self, name, value)
 
     def validate(self) -> "TrainConfig":
-        from data import AUGMENTATIONS, DATASETS
-        from models import MODELS
+        from data import AUGMENTATIONS, DATASETS, canonical_name
+        from models import ARCHS, check_arch
 
-        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": tuple(MODELS), "loss": tuple(METHODS),
+        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": ARCHS, "loss": tuple(METHODS),
                    "eps_schedule": EPS_SCHEDULES, "attack_budget": ATTACK_BUDGETS,
                    "lr_schedule": LR_SCHEDULES, "averaging": AVERAGING, "weight_source": WEIGHT_SOURCES,
                    "amp": AMP_MODES, "norm": NORMS, "compile_mode": COMPILE_MODES,
@@ -157,6 +158,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "
                                 f"{', '.join(allowed)}")
+        self.arch, self.arch_kwargs = check_arch(self.arch, self.arch_kwargs)
+        self.dataset = canonical_name(self.dataset)
         self._validate_ranges()
         if self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} must be smaller than --epochs {self.epochs}")

@@ -79,11 +79,11 @@ class StepModules:
 def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1, distributed: bool = False,
                amp: bool = False, world_size: int = 1) -> StepModules:
     """The model, optimiser, AWP proxy, bank, averager and loss modules of a run with config ``cfg``."""
-    from models import build_model
+    from models import build_model, parse_arch_kwargs
     from models.batchnorm import convert_ghost_batchnorm
 
     spec = LossSpec.from_config(cfg)
-    model = build_model(cfg.arch, num_classes).to(device)
+    model = build_model(cfg.arch, num_classes, **parse_arch_kwargs(cfg.arch_kwargs)).to(device)
     if cfg.sync_bn and distributed:
         model = convert_sync_batchnorm(model, device.type)
     # Before the AWP deepcopy: the released proxy was a DataParallel module too.

@@ -30,9 +30,10 @@ from core.files import atomic_copy
 from core.provenance import code_version
 from core.tracking import make_tracker
 from core.threat import eps_text
-from data import NUM_CLASSES
+from data import NUM_CLASSES, image_shape_of
 from data.sampler import epoch_seed
 from errors import UserError
+from models import check_output
 
 from . import engine
 from .config import TrainConfig, save_config
@@ -86,6 +87,7 @@ class Trainer:
         self.modules = engine.build_step(cfg, self.num_classes, self.device, n_views=self.n_views,
                                          distributed=self.dist.enabled, amp=self.amp,
                                          world_size=self.dist.world_size)
+        check_output(self.modules.model, image_shape_of(cfg.dataset, cfg.data_dir), self.num_classes, cfg.arch)
         m = self.modules  # the pieces a step touches, under their usual names
         self.spec, self.model, self.optimizer, self.awp = m.spec, m.model, m.optimizer, m.awp
         self.bank, self.averager = m.bank, m.averager
