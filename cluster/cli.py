@@ -25,9 +25,8 @@ from errors import UserError
 
 from .commands import Planned, eval_job, train_job
 from .options import add_cluster_options, check_cluster_options
-from .planning import plan_sweep
-from .record import read_rows
-from .submission import Submitter, is_active
+from .planning import active_job, plan_sweep
+from .submission import Submitter, refresh_states
 from .sweep import Sweep, check_train_args, default_seeds, merge, parse_grid
 
 EXIT_CODES = """\
@@ -68,13 +67,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1:]
 
 
-def _busy(record_dir: Path, kind: str, rel: str = ".") -> Optional[str]:
-    rows = [r for r in read_rows(record_dir / "jobs.csv") if r["kind"] == kind and r["dir"] == rel]
-    return next((r["job_id"] for r in reversed(rows) if is_active(r.get("executor") or "slurm", r["job_id"])), None)
-
-
 def _submit_one(opts: argparse.Namespace, planned: Planned) -> int:
-    busy = _busy(planned.run_dir, planned.kind)
+    rows = [r for r in refresh_states(planned.run_dir / "jobs.csv") if r["dir"] == "."]
+    busy = active_job(rows, planned.kind)
     if busy:
         raise UserError(f"{planned.run_dir} already has {planned.kind} job {busy} queued or running: wait for it to "
                         f"end (or cancel it) before submitting again")

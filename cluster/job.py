@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from .record import AllocationLog
 
-STOPPED_BY_SIGNAL = {130, 128 + signal.SIGTERM}
+STOPPED_BY_SIGNAL = {130, 128 + signal.SIGTERM}  # the exit codes of a command stopped by a signal
 
 
 def _export_local_env(env: Any) -> None:
@@ -98,7 +98,8 @@ class CommandJob:
             print(f"{self.kind} job {env.job_id}, allocation {earlier + 1} (requeues left "
                   f"{max(self.max_requeues - earlier, 0)}): {self.kind} {' '.join(argv)}", flush=True)
         code = _command(self.kind)(argv)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a requeue signals the job: nothing is left to stop
+        for s in (self.warning, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)  # the command has ended (and a requeue signals the job)
         return self._finish(code, env, log, earlier)
 
     def checkpoint(self) -> Any:
@@ -139,7 +140,7 @@ class CommandJob:
         if code == 0:
             close("finished")
             return 0
-        if self.signalled == self.warning:
+        if self.signalled == self.warning and code in (130, 128 + self.warning):
             if earlier >= self.max_requeues:
                 close(f"time limit: not requeued, --max-requeues {self.max_requeues} reached "
                       f"(continue with: python submit.py {self.kind} ... -- {' '.join(self.resume_argv)})")

@@ -13,8 +13,7 @@ from typing import Optional
 from errors import UserError
 
 from .commands import Planned, eval_job, finished_epoch, parse_train, train_job
-from .record import read_rows
-from .submission import is_active
+from .submission import ACTIVE, refresh_states
 from .sweep import Sweep
 
 
@@ -29,12 +28,9 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _active(rows: list[dict], kind: str) -> Optional[str]:
-    """The id of a job of ``kind`` recorded in ``jobs.csv`` that is still queued or running."""
-    for row in reversed([r for r in rows if r["kind"] == kind]):
-        if is_active(row.get("executor") or "slurm", row["job_id"]):
-            return row["job_id"]
-    return None
+def active_job(rows: list[dict], kind: str) -> Optional[str]:
+    """The id of a job of ``kind`` among ``rows`` of ``jobs.csv`` (states refreshed) still queued or running."""
+    return next((r["job_id"] for r in reversed(rows) if r["kind"] == kind and r["state"] in ACTIVE), None)
 
 
 def plan_run(sweep: Sweep, run: dict, folder: Path, max_requeues: int, jobs: list[dict]) -> RunPlan:
@@ -43,7 +39,7 @@ def plan_run(sweep: Sweep, run: dict, folder: Path, max_requeues: int, jobs: lis
     argv = sweep.run_argv(run, folder)
     try:
         _, cfg, _, _ = parse_train(argv)
-        busy_train = _active(jobs, "train")
+        busy_train = active_job(jobs, "train")
         done = finished_epoch(run_dir, cfg.epochs)
         if busy_train:
             plan.after = busy_train
@@ -55,7 +51,7 @@ def plan_run(sweep: Sweep, run: dict, folder: Path, max_requeues: int, jobs: lis
             plan.notes.append("resumed" if resume else "new")
         if not sweep.eval_args:
             return plan
-        busy_eval = _active(jobs, "eval")
+        busy_eval = active_job(jobs, "eval")
         evaluated = (run_dir / "eval" / "report.json").is_file()
         if busy_eval:
             plan.notes.append(f"evaluation job {busy_eval} is still queued or running")
@@ -74,6 +70,6 @@ def plan_run(sweep: Sweep, run: dict, folder: Path, max_requeues: int, jobs: lis
 
 def plan_sweep(sweep: Sweep, folder: Path, max_requeues: int) -> list[RunPlan]:
     """The plan of every run of the sweep, in the manifest's order."""
-    rows = read_rows(folder / "jobs.csv")
+    rows = refresh_states(folder / "jobs.csv")
     return [plan_run(sweep, run, folder, max_requeues, [r for r in rows if r["dir"] == run["dir"]])
             for run in sweep.runs]

@@ -18,7 +18,7 @@ from errors import UserError
 
 from .commands import Planned
 from .options import dry_run, make_executor
-from .record import append_jobs, now_text, update_job_states
+from .record import JOB_COLUMNS, append_jobs, now_text, read_rows, update_job_states, write_rows
 
 # Slurm states of a job that has not ended (a requeued job passes through REQUEUED back to PENDING)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING", "RESIZING",
@@ -59,11 +59,34 @@ def local_alive(job_id: str) -> bool:
         return False
 
 
-def is_active(executor: str, job_id: str) -> bool:
-    """Whether a job recorded in ``jobs.csv`` is still queued or running."""
-    if executor == "local":
-        return local_alive(job_id)
-    return slurm_state(job_id) in ACTIVE
+def recorded_state(row: dict) -> str:
+    """The state now of a job recorded in ``jobs.csv`` (its recorded state when nothing better is known)."""
+    if (row.get("executor") or "slurm") == "slurm":
+        state = slurm_state(row["job_id"])
+        return row["state"] if state == "UNKNOWN" else state
+    if local_alive(row["job_id"]):
+        return "RUNNING"
+    from submitit.core.utils import pickle_load
+
+    result = Path(row["stdout"]).with_name(f"{row['job_id']}_0_result.pkl")
+    try:
+        return "COMPLETED" if pickle_load(result)[0] == "success" else "FAILED"
+    except Exception:  # no result: the job ended without one (killed, or it failed and said so in its log)
+        return "FAILED"
+
+
+def refresh_states(path: Path) -> list[dict]:
+    """The rows of ``jobs.csv`` with the current state of every job not known to have ended (written back)."""
+    rows = read_rows(path)
+    changed = False
+    for row in rows:
+        if row["state"] in ACTIVE or row["state"] == "SUBMITTED":
+            state = recorded_state(row)
+            changed |= state != row["state"]
+            row["state"] = state
+    if changed:
+        write_rows(path, JOB_COLUMNS, rows)
+    return rows
 
 
 class Submitter:

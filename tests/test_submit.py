@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cluster.cli import main
+from cluster.submission import refresh_states
 from cluster.sweep import Sweep, merge, parse_grid, run_dir_name
 from errors import UserError
 
@@ -98,6 +99,8 @@ def test_a_local_job_equals_a_direct_run(tmp_path):
     assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
     jobs = (tmp_path / "job" / "jobs.csv").read_text().splitlines()
     assert len(jobs) == 2 and ",train,.,COMPLETED,local," in jobs[1]
+    (tmp_path / "job" / "jobs.csv").write_text("\n".join([jobs[0], jobs[1].replace("COMPLETED", "SUBMITTED")]) + "\n")
+    assert [r["state"] for r in refresh_states(tmp_path / "job" / "jobs.csv")] == ["COMPLETED"]  # from its result
     assert (tmp_path / "job" / "allocations.csv").read_text().splitlines()[1].split(",")[8] == "finished"
 
 

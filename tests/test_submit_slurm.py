@@ -1,9 +1,11 @@
 """submit.py against a real one-node Slurm cluster (tests/slurm_cluster.py; skipped where Slurm is not installed).
 
-- ``submit.py train --wait`` ends with a ``last.pt`` bitwise equal to a direct ``train_at.py`` run;
-- two of Slurm's time-limit warnings (USR2, the signal ``--signal`` asks for) mid-run: the job saves
-  at a step boundary, requeues itself twice and ends bitwise equal to the uninterrupted run;
-- a 2-task job (gloo, 1 CPU each) equals ``torchrun --nproc_per_node 2``, for training and evaluation;
+- ``submit.py train --wait`` with two of Slurm's time-limit warnings mid-run (USR2, the signal that
+  ``--signal`` asks for): the job saves at a step boundary, requeues itself twice, and ends with a
+  ``last.pt`` bitwise equal to a direct ``train_at.py`` run; past ``--max-requeues`` a job stops with
+  its checkpoint, fails, and ``--wait`` exits 1;
+- a 2-task job (gloo, 1 CPU each) trains bitwise like ``torchrun --nproc_per_node 2``, and its 2-task
+  evaluation writes the ``per_sample.csv`` of any number of processes;
 - a 2x2 grid x 2 seeds sweep with evaluations: one run folder per point and seed, the manifest,
   evaluations after their training; one evaluation pre-empted mid-way (``scontrol requeue``: SIGTERM,
   then Slurm requeues it) ends with the same ``per_sample.csv`` as an uninterrupted evaluation;
@@ -12,16 +14,21 @@
 
 The job to signal is frozen (SIGSTOP) the moment it has made progress, so the signal lands mid-run
 on any machine; the test then checks from the job's own log that it did. Slurm delays a requeued
-job by two minutes; the tests move its start to now (``scontrol update StartTime=now``).
+job by two minutes; the tests move its start to now (``scontrol update StartTime=now``). Every
+python start costs seconds of imports, so ``submit.py`` and the reference runs are called in this
+process (``cluster.cli.main``, ``train_at.main``: what the scripts run); the jobs are processes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,10 +59,51 @@ def env(slurm) -> dict[str, str]:
     return {**os.environ, **slurm.env(), "OMP_NUM_THREADS": "1"}
 
 
-def run(slurm, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(slurm, *argv: str) -> subprocess.CompletedProcess:
     out = subprocess.run([PY, *argv], cwd=ROOT, env=env(slurm), capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
+    if out.returncode != 0:
         raise AssertionError(f"{argv[0]} exited with {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@contextlib.contextmanager
+def cluster_env(slurm):
+    """``SLURM_CONF`` (and one thread per job) for the Slurm commands this process runs and the jobs it submits."""
+    saved = dict(os.environ)
+    os.environ.update(env(slurm))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def submit(slurm, *argv: str, expect: int = 0) -> str:
+    """``python submit.py ARGV`` in this process; its standard output."""
+    from cluster.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with cluster_env(slurm), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    assert code == expect, f"submit.py exited with {code}:\n{out.getvalue()}\n{err.getvalue()}"
+    return out.getvalue()
+
+
+def evaluate_directly(run_dir: Path, out: Path) -> Path:
+    """``per_sample.csv`` of what ``python eval_autoattack.py RUN EVAL --out OUT`` runs, in one process."""
+    import eval_autoattack
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert eval_autoattack.main([str(run_dir), *EVAL, "--out", str(out)]) == 0
+    return out / "per_sample.csv"
+
+
+def train_directly(out: Path, argv: list[str]) -> Path:
+    """The uninterrupted reference: what ``python train_at.py ARGV --out OUT`` runs."""
+    import train_at
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train_at.main([*argv, "--out", str(out)]) == 0
     return out
 
 
@@ -131,30 +179,18 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert (sa["epoch"], sa["global_step"], sa["step_in_epoch"]) == (sb["epoch"], sb["global_step"], 0)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run, by ``train_at.py`` itself."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    subprocess.run([PY, "train_at.py", *TRAIN, "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    return out
+def waiting_submit(slurm, argv: list[str], expect: int) -> tuple[threading.Thread, dict]:
+    """``submit.py ARGV`` (with ``--wait``) in a thread: the test signals the job meanwhile."""
+    ended: dict = {}
+    thread = threading.Thread(target=lambda: ended.update(out=submit(slurm, *argv, expect=expect)))
+    thread.start()
+    return thread, ended
 
 
-def test_a_train_job_equals_a_direct_run(slurm, reference, tmp_path):
-    out = run(slurm, "submit.py", "train", "--wait", "--", *TRAIN, "--out", str(tmp_path / "run"))
-    assert "COMPLETED" in out.stdout
-    assert_same_checkpoint(tmp_path / "run", reference)
-    [job] = rows(tmp_path / "run" / "jobs.csv")
-    assert (job["kind"], job["dir"], job["state"], job["executor"]) == ("train", ".", "COMPLETED", "slurm")
-    assert Path(job["stdout"]).is_file() and Path(job["stderr"]).is_file()
-    [alloc] = rows(tmp_path / "run" / "allocations.csv")
-    assert (alloc["job_id"], alloc["allocation"], alloc["outcome"]) == (job["job_id"], "1", "finished")
-
-
-def test_time_limit_warnings_requeue_the_run_to_an_exact_finish(slurm, reference, tmp_path):
+def test_a_train_job_requeued_at_two_time_limits_equals_a_direct_run(slurm, tmp_path):
     run_dir = tmp_path / "run"
-    [job] = job_ids(run(slurm, "submit.py", "train", "--signal-delay", "60", "--", *TRAIN, "--out",
-                        str(run_dir)).stdout, "train")
+    waiting, ended = waiting_submit(slurm, ["train", "--wait", "--", *TRAIN, "--out", str(run_dir)], expect=0)
+    job = wait_until("the job id", lambda: rows(run_dir / "jobs.csv"))[0]["job_id"]
     log = run_dir / "log.csv"
     for allocation, epochs_logged in ((1, 1), (2, 2)):
         wait_until(f"epoch {epochs_logged} in allocation {allocation}",
@@ -163,28 +199,31 @@ def test_time_limit_warnings_requeue_the_run_to_an_exact_finish(slurm, reference
         slurm.run("scancel", "--signal=USR2", job, check=True)  # what Slurm sends --signal-delay s before the limit
         thaw(pids)
         release(slurm, job)
-    assert wait_ended(slurm, [job]) == {job: "COMPLETED"}
+    waiting.join(timeout=900)
+    assert f"train job {job} ({run_dir}): COMPLETED" in ended["out"], ended
     allocations = rows(run_dir / "allocations.csv")
     assert [a["outcome"] for a in allocations] == ["time limit: saved and requeued"] * 2 + ["finished"]
     assert [a["allocation"] for a in allocations] == ["1", "2", "3"] and {a["job_id"] for a in allocations} == {job}
     stops = [int(s) for s in re.findall(r"stopped by SIGUSR2 at global step (\d+)",
                                         (run_dir / "jobs" / f"{job}_0_log.err").read_text())]
     assert len(stops) == 2 and 0 < stops[0] < stops[1] < 2 * EPOCHS, stops  # both mid-run, the second later
-    assert_same_checkpoint(run_dir, reference)
+    assert_same_checkpoint(run_dir, train_directly(tmp_path / "direct", TRAIN))
+    [row] = rows(run_dir / "jobs.csv")
+    assert (row["kind"], row["dir"], row["state"], row["executor"]) == ("train", ".", "COMPLETED", "slurm")
+    assert Path(row["stdout"]).is_file() and Path(row["stderr"]).is_file()
 
 
 def test_past_max_requeues_a_job_stops_with_its_checkpoint(slurm, tmp_path):
     run_dir = tmp_path / "run"
-    argv = [PY, "submit.py", "train", "--max-requeues", "0", "--wait", "--", *TRAIN, "--out", str(run_dir)]
-    waiting = subprocess.Popen(argv, cwd=ROOT, env=env(slurm), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    argv = ["train", "--max-requeues", "0", "--wait", "--", *TRAIN, "--out", str(run_dir)]
+    waiting, ended = waiting_submit(slurm, argv, expect=1)
     job = wait_until("the job id", lambda: rows(run_dir / "jobs.csv"))[0]["job_id"]
     wait_until("the first epoch", lambda: rows(run_dir / "allocations.csv") and len(rows(run_dir / "log.csv")) >= 1)
     pids = freeze(slurm, job)
     slurm.run("scancel", "--signal=USR2", job, check=True)
     thaw(pids)
-    out, _ = waiting.communicate(timeout=600)
-    assert waiting.returncode == 1 and f"train job {job} ({run_dir}): FAILED" in out, out
+    waiting.join(timeout=600)
+    assert f"train job {job} ({run_dir}): FAILED" in ended["out"], ended  # and --wait exited with 1
     [alloc] = rows(run_dir / "allocations.csv")
     assert alloc["outcome"].startswith("time limit: not requeued, --max-requeues 0 reached")
     assert f"-- --resume {run_dir}" in alloc["outcome"]
@@ -196,18 +235,18 @@ def test_past_max_requeues_a_job_stops_with_its_checkpoint(slurm, tmp_path):
 def test_a_two_task_job_equals_torchrun(slurm, tmp_path):
     train = train_args(epochs=2)
     two = ["--tasks-per-node", "2", "--cpus-per-task", "1", "--wait"]
-    run(slurm, "submit.py", "train", *two, "--", *train, "--out", str(tmp_path / "slurm"))
+    submit(slurm, "train", *two, "--", *train, "--out", str(tmp_path / "slurm"))
     run(slurm, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_at.py", *train,
         "--out", str(tmp_path / "torchrun"))
     assert_same_checkpoint(tmp_path / "slurm", tmp_path / "torchrun")
     assert torch.load(tmp_path / "slurm" / "checkpoints" / "last.pt", weights_only=True)["world_size"] == 2
-    run(slurm, "submit.py", "eval", *two, "--", str(tmp_path / "slurm"), *EVAL)
-    run(slurm, "-m", "torch.distributed.run", "--nproc_per_node", "2", "eval_autoattack.py", str(tmp_path / "slurm"),
-        *EVAL, "--out", str(tmp_path / "eval_torchrun"))
-    by_slurm = (tmp_path / "slurm" / "eval" / "per_sample.csv").read_bytes()
-    assert by_slurm == (tmp_path / "eval_torchrun" / "per_sample.csv").read_bytes()
+    submit(slurm, "eval", *two, "--", str(tmp_path / "slurm"), *EVAL)
     report = json.loads((tmp_path / "slurm" / "eval" / "report.json").read_text())
     assert report["environment"]["processes"] == 2
+    # the flags of a sharded evaluation are those of any number of processes (test_eval_sharded.py), so the
+    # reference is one process, as torchrun with any --nproc_per_node would give
+    by_slurm = (tmp_path / "slurm" / "eval" / "per_sample.csv").read_bytes()
+    assert by_slurm == evaluate_directly(tmp_path / "slurm", tmp_path / "eval_one").read_bytes()
 
 
 GRID = ["--grid", "alpha=10,20", "--grid", "beta=3,4", "--seeds", "0", "1"]
@@ -221,9 +260,9 @@ PREEMPTED = "alpha=20,beta=4/seed1"
 def sweep(slurm, tmp_path_factory) -> dict:
     """The sweep, its last run's evaluation pre-empted once mid-way; returns what the tests check."""
     folder = tmp_path_factory.mktemp("sweep") / "abl"
-    argv = ["submit.py", "sweep", *GRID, "--out", str(folder), "--eval-args", " ".join(EVAL), "--cpus-per-task", "1",
+    argv = ["sweep", *GRID, "--out", str(folder), "--eval-args", " ".join(EVAL), "--cpus-per-task", "1",
             "--", *SWEEP_TRAIN]
-    out = run(slurm, *argv).stdout
+    out = submit(slurm, *argv)
     trains, evals = job_ids(out, "train"), job_ids(out, "eval")
     cache = folder / PREEMPTED / "eval" / "cache"
     wait_until("a finished chunk of the last evaluation", lambda: any(cache.glob("*_c0*.pt")), timeout=900)
@@ -257,29 +296,28 @@ def test_a_sweep_runs_every_point_and_seed_then_its_evaluation(sweep):
 
 
 def test_a_preempted_sweep_evaluation_equals_an_uninterrupted_one(sweep, tmp_path):
-    import eval_autoattack
-
     assert 0 < sweep["chunks_done"] < N_CHUNK_RESULTS  # pre-empted mid-way
     allocations = rows(sweep["folder"] / PREEMPTED / "eval" / "allocations.csv")
     assert [a["outcome"].split(" (")[0] for a in allocations] == ["stopped by SIGTERM", "finished"]
-    assert eval_autoattack.main([str(sweep["folder"] / PREEMPTED), *EVAL, "--out", str(tmp_path / "eval")]) == 0
     resumed = (sweep["folder"] / PREEMPTED / "eval" / "per_sample.csv").read_bytes()
-    assert resumed == (tmp_path / "eval" / "per_sample.csv").read_bytes()
+    assert resumed == evaluate_directly(sweep["folder"] / PREEMPTED, tmp_path / "eval").read_bytes()
 
 
 def test_submitting_the_sweep_again_submits_nothing(slurm, sweep):
     before = rows(sweep["folder"] / "jobs.csv")
-    out = run(slurm, *sweep["argv"]).stdout
+    assert {job["state"] for job in before} == {"SUBMITTED"}  # submitted without --wait
+    out = submit(slurm, *sweep["argv"])
     assert not job_ids(out, "train") and not job_ids(out, "eval") and "nothing to submit" in out
-    assert rows(sweep["folder"] / "jobs.csv") == before
+    after = rows(sweep["folder"] / "jobs.csv")  # the same jobs, their states brought up to date
+    assert [{**job, "state": "COMPLETED"} for job in before] == after
     assert out.count("finished and evaluated") == 8
 
 
-def test_an_unknown_partition_submits_nothing(slurm, tmp_path, capsys, monkeypatch):
+def test_an_unknown_partition_submits_nothing(slurm, tmp_path, capsys):
     from cluster.cli import main
 
-    monkeypatch.setenv("SLURM_CONF", slurm.env()["SLURM_CONF"])
-    code = main(["train", "--partition", "nosuchpartition", "--", *TRAIN, "--out", str(tmp_path / "run")])
+    with cluster_env(slurm):
+        code = main(["train", "--partition", "nosuchpartition", "--", *TRAIN, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "partition" in err[0], err
     assert not (tmp_path / "run").exists()
