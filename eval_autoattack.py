@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.corruptions import CORRUPTIONS_ATTACK
     from evaluation.inputs import SPLITS
     from evaluation.sharding import DEFAULT_CHUNK_SIZE
-    from evaluation.spec import EXAMPLES
+    from evaluation.spec import attack_examples
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="run folder, project checkpoint .pt, or plain state dict .pt")
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radii in the norm's notation: Linf 8, 8/255 or 0.0314; L2 0.5; L1 12. With several "
                         "--norm write NORM:RADIUS (Linf:8/255 L2:0.5). Default: RobustBench's 8/255, 0.5 and 12")
     p.add_argument("--attacks", nargs="+", default=["aa"],
-                   help=f"from: {EXAMPLES}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) (default aa)")
+                   help=f"from: {attack_examples()}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) "
+                        "(default aa)")
     p.add_argument("--n-ex", type=int, default=None,
                    help="evaluate the first N points (default all); with corruptions: per corruption and severity")
     p.add_argument("--batch-size", type=int, default=256)
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-adv", action="store_true", help="save adversarial examples under --out/adv")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-attack lines")
+    p.add_argument("--tracker", default="tensorboard", help="where the accuracies also go: tensorboard (OUT/tb, the "
+                   "default), wandb, mlflow or none (evaluation/tracking.py)")
     return p
 
 
@@ -86,6 +89,9 @@ def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None, *
     from evaluation.corruptions import CORRUPTIONS_ATTACK, CorruptionSettings
     from evaluation.results import SuiteSettings
 
+    from core.tracking import require
+
+    require(args.tracker)
     if (args.source is None) == (args.robustbench_model is None):
         raise UserError("pass exactly one model: a SOURCE path or --robustbench-model NAME")
     if args.n_ex is not None and args.n_ex <= 0:
@@ -160,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.inputs import points_identity
     from evaluation.sections import NormSection
     from evaluation.store import check_resume
+    from evaluation.tracking import track_report
 
     # Without --norm the radii may be in the run's training norm (L1 up to 3072): they wait for it.
     suites, corruptions = _validate(args, radii_may_wait=_chosen_norms(args) is None)
@@ -212,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
                     "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
                     "wall_seconds": round(time.perf_counter() - start, 2)}
             paths = write_reports(results[0], out, meta, sections)
+            track_report(args.tracker, out, paths["json"])
         finally:
             sharding.stop()
     lines = [f"{r.settings.norm}: {summary_line(r)}" if len(results) > 1 else summary_line(r) for r in results]
