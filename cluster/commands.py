@@ -8,6 +8,9 @@ mistake ends in one ``error:`` line on the login node instead of a failed job af
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -66,14 +69,29 @@ def _resume_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return argv + ["--no-progress"] * bool(args.no_progress)
 
 
+_NOTES_SHOWN: set[str] = set()
+
+
 def parse_train(argv: list[str]):
-    """``(args, cfg, run_dir, resuming)`` as ``train_at.py`` resolves ``argv``; nothing is written."""
+    """``(args, cfg, run_dir, resuming)`` as ``train_at.py`` resolves ``argv``; nothing is written.
+
+    The notes the resolution prints (e.g. old key names read under new ones) are printed once per
+    submission, not once per run of a sweep.
+    """
     import train_at
 
     args = train_parser().parse_args(argv)
     if args.print_config or args.print_schedule:
         raise UserError("--print-config / --print-schedule print and exit: run them with train_at.py directly")
-    cfg, run_dir, resuming = train_at.resolve(args)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            cfg, run_dir, resuming = train_at.resolve(args)
+    finally:
+        for line in said.getvalue().splitlines():
+            if line not in _NOTES_SHOWN:
+                _NOTES_SHOWN.add(line)
+                print(line, file=sys.stderr)
     return args, cfg, run_dir, resuming
 
 

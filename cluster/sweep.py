@@ -113,7 +113,10 @@ def load(folder: Path) -> Optional[Sweep]:
 
 
 def check_train_args(train_args: list[str], grid: dict[str, list[str]]) -> None:
-    """The common training arguments may not set what the sweep sets per run."""
+    """The common training arguments may not set what the sweep sets per run (a key under an old or a new
+    name counts as the same key)."""
+    from training.methods import key_for_old_name
+
     args = train_parser().parse_args(train_args)
     for name in _NOT_IN_TRAIN_ARGS:
         if getattr(args, name):
@@ -121,9 +124,13 @@ def check_train_args(train_args: list[str], grid: dict[str, list[str]]) -> None:
                             "on submit.py; submitting again resumes what is unfinished)")
     if getattr(args, "cfg_seed", None) is not None:
         raise UserError("--seed in the training arguments: give the seeds with --seeds S1 S2 ...")
+    loss = getattr(args, "cfg_loss", None) or parse_train(train_args + ["--out", "unused"])[1].loss
+    given = {key_for_old_name(k[4:], loss) or k[4:]: k[4:] for k, v in vars(args).items()
+             if k.startswith("cfg_") and v is not None}
     for key in grid:
-        if getattr(args, f"cfg_{key}", None) is not None:
-            raise UserError(f"{key_flag(key)} is both in the training arguments and in --grid: keep one")
+        same = given.get(key_for_old_name(key, loss) or key)
+        if same is not None:
+            raise UserError(f"{key_flag(same)} in the training arguments sets what --grid {key} sweeps: keep one")
 
 
 def merge(folder: Path, new: Sweep) -> Sweep:

@@ -31,7 +31,7 @@ SHORT = ["--preset", "quickstart", "--epochs", "1", "--val-size", str(1437 - 64)
 def one_line_error(capsys, argv: list[str]) -> str:
     code = main(argv)
     out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
+    lines = [line for line in out.err.strip().splitlines() if not line.startswith("note: ")]  # notes may precede
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, out)
     return lines[0]
 
@@ -58,7 +58,9 @@ ABL = ["--out", "abl"]
     (["sweep", *ABL, "--grid", "resume=1,2", "--", *SHORT], "--grid resume: not a config key"),
     (["sweep", *ABL, "--grid", "seed=1,2", "--", *SHORT], "give the seeds with --seeds"),
     (["sweep", *ABL, "--grid", "alpha=10", "--grid", "alpha=20", "--", *SHORT], "the key alpha is given twice"),
-    (["sweep", *ABL, "--grid", "alpha=10,20", "--", *SHORT, "--alpha", "5"], "--alpha is both in the training"),
+    (["sweep", *ABL, "--grid", "alpha=10,20", "--", *SHORT, "--alpha", "5"], "--alpha in the training arguments"),
+    (["sweep", *ABL, "--grid", "alpha=10,20", "--", *SHORT, "--gkl-wmse-weight", "5"],  # alpha's new name
+     "--gkl-wmse-weight in the training arguments sets what --grid alpha sweeps"),
     (["sweep", *ABL, "--grid", "alpha=10,20", "--", *SHORT, "--out", "x"], "--out in the training arguments"),
     (["sweep", *ABL, "--grid", "alpha=10,20", "--eval-args", "--out x", "--", *SHORT], "--out in --eval-args"),
     (["sweep", *ABL, "--grid", "alpha=10,1o", "--", *SHORT], "alpha=1o/seed0: "),

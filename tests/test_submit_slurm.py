@@ -37,6 +37,7 @@ import pytest
 import torch
 import yaml
 
+from cluster.commands import parse_train
 from conftest import fixture_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,9 +288,13 @@ def test_a_sweep_runs_every_point_and_seed_then_its_evaluation(sweep):
     jobs = rows(folder / "jobs.csv")
     assert [(j["kind"], j["dir"]) for j in jobs] == [(k, d) for d in DIRS for k in ("train", "eval")]
     assert [j["job_id"] for j in jobs] == [x for pair in zip(sweep["trains"], sweep["evals"]) for x in pair]
-    for d, (alpha, beta, seed) in zip(DIRS, POINTS):
-        config = yaml.safe_load((folder / d / "config.yaml").read_text())
-        assert (config["alpha"], config["beta"], config["seed"]) == (alpha, beta, seed)
+    configs = []
+    for d, (alpha, beta, seed) in zip(DIRS, POINTS):  # each run's config is train_at.py's for its point and seed
+        point = [*SWEEP_TRAIN, "--alpha", str(alpha), "--beta", str(beta), "--seed", str(seed), "--out", "x"]
+        expected = yaml.safe_dump(parse_train(point)[1].to_dict(), sort_keys=False)
+        configs.append((folder / d / "config.yaml").read_text())
+        assert configs[-1] == expected
+    assert len(set(configs)) == len(DIRS)
         assert (folder / d / "eval" / "per_sample.csv").is_file()
         eval_start = rows(folder / d / "eval" / "allocations.csv")[0]["start"]
         assert eval_start >= rows(folder / d / "allocations.csv")[-1]["end"]  # after its training ended
