@@ -77,7 +77,7 @@ class SlurmCluster:
         for sub in ("state", "spool"):
             (r / sub).mkdir(exist_ok=True)
         lines = {
-            "ClusterName": "gklattest", "SlurmctldHost": self.node, "SlurmUser": "root", "SlurmdUser": "root",
+            "ClusterName": "gklattest", "SlurmctldHost": f"{self.node}(127.0.0.1)", "SlurmUser": "root", "SlurmdUser": "root",
             "AuthType": "auth/munge", "CredType": "cred/munge", "AuthInfo": f"socket={self.munge_dir / 'munge.socket'}",
             "SlurmctldPort": _free_port(), "SlurmdPort": _free_port(),
             "StateSaveLocation": r / "state", "SlurmdSpoolDir": r / "spool",
@@ -121,7 +121,7 @@ class SlurmCluster:
         self._write_conf()
         self._start_munge()
         self._run_daemon("slurmctld", "-c")  # -c: no state from an earlier run
-        self._run_daemon("slurmd")
+        self._run_daemon("slurmd", "-N", self.node)  # the node by name, whatever the short host name is
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.run("sinfo", "-h", "-N", "-o", "%t").stdout.strip()

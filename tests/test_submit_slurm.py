@@ -294,10 +294,10 @@ def test_a_sweep_runs_every_point_and_seed_then_its_evaluation(sweep):
         expected = yaml.safe_dump(parse_train(point)[1].to_dict(), sort_keys=False)
         configs.append((folder / d / "config.yaml").read_text())
         assert configs[-1] == expected
-    assert len(set(configs)) == len(DIRS)
         assert (folder / d / "eval" / "per_sample.csv").is_file()
         eval_start = rows(folder / d / "eval" / "allocations.csv")[0]["start"]
         assert eval_start >= rows(folder / d / "allocations.csv")[-1]["end"]  # after its training ended
+    assert len(set(configs)) == len(DIRS)
 
 
 def test_a_preempted_sweep_evaluation_equals_an_uninterrupted_one(sweep, tmp_path):
