@@ -197,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
         data["description"] = (f"{dataset} {args.split} split, all {len(y)} points (--n-ex {args.n_ex} asked for "
                                f"more than the split holds)")
     out = _default_out(args)
-    sharding.check_world_size(len(y), suites[0].chunk_size, world)
+    idle = sharding.idle_note(len(y), suites[0].chunk_size, world)
+    if idle and sharding.env_rank() == 0:
+        print(f"note: {idle}", file=sys.stderr)
     radii = _radii_list(suites)
     if args.resume:
         check_resume(out / "cache", radii, suites[0].chunk_size)

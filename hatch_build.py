@@ -26,12 +26,11 @@ class CustomBuildHook(BuildHookInterface):
             return
         root = Path(self.root)
         entries = self.config.get("include", [])
-        missing = [e for e in entries if not (root / e).exists() and e not in self.config.get("optional", [])]
+        missing = [e for e in entries if not (root / e).exists()]
         if missing:
             raise FileNotFoundError(f"pyproject.toml lists {missing} for the wheel, but the clone has no such path")
         for entry in entries:
-            if (root / entry).exists():
-                build_data["force_include"][str(root / entry)] = f"{FOLDER}/{entry}"
+            build_data["force_include"][str(root / entry)] = f"{FOLDER}/{entry}"
         self._scratch = tempfile.TemporaryDirectory(prefix="gkl-at-wheel-")
         pth = Path(self._scratch.name) / f"{FOLDER}.pth"
         pth.write_text(f"{FOLDER}\n")  # a line of a .pth file is a folder relative to site-packages

@@ -30,7 +30,7 @@ def _run_folder(folder: Path, model: torch.nn.Module, alpha: str, seed: int, **c
     g = torch.Generator().manual_seed(1000 + seed)
     sd = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1
           else v.clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(dataset="digits", arch="small-cnn", alpha=float(alpha), seed=seed, **config)
+    cfg = TrainConfig(dataset="digits", arch="small-cnn", gkl_wmse_weight=float(alpha), seed=seed, **config)
     (folder / "checkpoints").mkdir(parents=True)
     save_config(cfg, folder / "config.yaml")
     save_checkpoint({"format": "gkl-at/1", "model": sd, "avg_model": None, "arch": "small-cnn", "num_classes": 10,
@@ -136,9 +136,13 @@ def test_a_folder_without_manifest_is_grouped_by_its_differing_config_keys(sweep
     shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("sweep.yaml", "jobs.csv", "summary.*"))
     assert compare_main([str(copy)]) == 0
     assert "note:" not in capsys.readouterr().out  # every run found is evaluated
-    got = _summary(copy).set_index(["alpha", "metric"])
+    got = _summary(copy)
+    # the key as the runs' config.yaml names it (GKL's alpha), the one key: seed and device are not grid keys
+    assert [c for c in got.columns if c in ("alpha", "gkl_wmse_weight")] == ["gkl_wmse_weight"]
+    got["alpha"] = got.pop("gkl_wmse_weight").map(lambda v: f"{float(v):g}")
+    got = got.set_index(["alpha", "metric"])
     manifest = _summary(sweep).set_index(["alpha", "metric"])
-    assert list(got.index) == list(manifest.index)  # alpha is the one key: seed and device are not grid keys
+    assert list(got.index) == list(manifest.index)
     pd.testing.assert_frame_equal(got[["mean", "std", "ci_low", "ci_high"]], manifest[["mean", "std", "ci_low",
                                                                                          "ci_high"]])
     assert "mcnemar_p" not in got  # no --baseline, no paired test
