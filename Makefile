@@ -2,17 +2,25 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# compat/ is installed from requirements.txt: a change to its sources reinstalls it (pip always reinstalls a local path)
+# compat/ is installed from requirements.txt: a change to its sources reinstalls it (pip always reinstalls a local path).
+# The project itself is installed editable (`pip install -e .`: the clone on sys.path, the gkl-* commands in
+# $(BIN)); a change to its packaging (pyproject.toml, hatch_build.py) reinstalls it.
 COMPAT_SRC := $(sort $(wildcard compat/pyproject.toml compat/*.pth compat/gkl_at_compat/*.py))
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt $(COMPAT_SRC) | cksum | cut -d' ' -f1)
+PACKAGING := pyproject.toml hatch_build.py
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt $(COMPAT_SRC) $(PACKAGING) | cksum | cut -d' ' -f1)
 QS := runs/quickstart
 
 .PHONY: install quickstart test bench clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt $(COMPAT_SRC)
+$(STAMP): requirements.txt requirements-dev.txt $(COMPAT_SRC) $(PACKAGING)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	@# torchattacks (a dev dependency until issue 27) ships its own robustbench/ over robustbench's files: in a venv
+	@# made before, remove it and restore robustbench's own files (uninstalling it deletes the files both claim)
+	if $(BIN)/python -m pip show -q torchattacks 2>/dev/null; then $(BIN)/python -m pip uninstall -q -y torchattacks \
+	  && $(BIN)/python -m pip install -q --no-deps --force-reinstall "$$(grep '^robustbench' requirements.txt)"; fi
+	$(BIN)/python -m pip install -q -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -99,6 +99,11 @@ def print_result(result) -> None:
     """The verification line, the written paths and the notes."""
     print(f"verified: strict load into RobustBench's class, max |logit diff| = {result.max_abs_diff:.3e} "
           f"(< 1e-5 fp32)")
+    check = result.maintainer_check
+    if check.get("loader"):
+        diffs = check["max_abs_logit_diff"]
+        print(f"verified: {check['loader']}(model_dir={check['model_dir']}) loads zoo_entry.py's model for "
+              f"{', '.join(diffs)}, max |logit diff| = {max(diffs.values()):.3e}")
     for board, done in result.boards.items():
         info = done.model_info
         figure = f"AA {info['autoattack_acc']}" if "autoattack_acc" in info else \

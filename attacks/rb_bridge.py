@@ -16,6 +16,7 @@ import sys
 import types
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from errors import UserError
 
@@ -52,6 +53,20 @@ def install() -> None:
 def uses_git_autoattack() -> bool:
     """True when ``autoattack`` is (or would be) the git package rather than the alias over pyautoattack."""
     return compat().uses_git_autoattack()
+
+
+def autoattack_implementation() -> dict[str, Optional[str]]:
+    """Which AutoAttack ``autoattack_class`` runs: ``package`` (``pyautoattack`` or the git ``autoattack``),
+    ``version``, ``source`` (``pypi``, ``git``, ...), ``commit``, ``url``, ``module_file``, ``summary``."""
+    bridge = compat()
+    bridge.register()
+    if hasattr(bridge, "implementation"):
+        return bridge.implementation()
+    # an installed gkl_at_compat older than the repository's (make install updates it): the repository's code
+    spec = importlib.util.spec_from_file_location("_gkl_at_compat_provenance", _COMPAT / "provenance.py")
+    provenance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(provenance)
+    return provenance.implementation(alias=not bridge.uses_git_autoattack())
 
 
 def autoattack_class() -> type:

@@ -97,10 +97,16 @@ def per_sample_frame(result: SuiteResult) -> pd.DataFrame:
 
 
 def environment_info(device: Optional[torch.device] = None) -> dict[str, Any]:
-    """Library versions, Python, platform and accelerator: what a reader needs to reproduce."""
+    """Library versions, Python, platform and accelerator: what a reader needs to reproduce.
+
+    ``autoattack`` names the AutoAttack implementation the ``aa`` attacks run here (package, version,
+    ``pypi`` or ``git`` with its commit; see ``attacks.rb_bridge.autoattack_implementation``).
+    """
+    from attacks.rb_bridge import autoattack_implementation
+
     versions = package_versions(_PACKAGES)
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "device": str(device) if device is not None else None}
+            "autoattack": autoattack_implementation(), "device": str(device) if device is not None else None}
     if device is not None and device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
     return info
@@ -182,6 +188,9 @@ def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) 
     seconds = sum(r.seconds for r in result.results.values() if not r.cached)
     lines += ["", f"Attack time: {seconds:.1f} s. Versions: " + ", ".join(
         f"{k} {v}" for k, v in meta.get("environment", {}).get("packages", {}).items() if v), ""]
+    implementation = (meta.get("environment", {}).get("autoattack") or {}).get("summary")
+    if implementation and any(a.is_autoattack for a in result.settings.attacks):
+        lines += [f"AutoAttack: {implementation}.", ""]
     return "\n".join(lines)
 
 

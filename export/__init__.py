@@ -4,7 +4,8 @@
 - :mod:`export.weights`: weights in RobustBench's key layout, ``.pt``/``.safetensors``, verification;
 - :mod:`export.boards`: RobustBench's boards (Linf, L2, corruptions) and the figures each takes from a report;
 - :mod:`export.model_info`: the ``model_info`` JSON of each board;
-- :mod:`export.claim`: RobustBench's own ``benchmark`` on the exported file, offline, per board;
+- :mod:`export.roundtrip`: the zoo entry through RobustBench's own ``load_model``, as a maintainer loads it;
+- :mod:`export.claim`: RobustBench's own ``benchmark`` on that model, offline, per board;
 - :mod:`export.submission`: :func:`export`, which plans, writes and checks a whole submission.
 """
 from .arch import (
@@ -39,6 +40,7 @@ from .model_info import (
                    pct,
                    validate_model_info,
 )
+from .roundtrip import load_as_maintainer, verify_as_maintainer, zoo_with_entry
 from .submission import (
                    FORMATS,
                    WEIGHT_CHOICES,
@@ -65,7 +67,8 @@ __all__ = [
     "BoardExport", "CorruptionFigures", "ExportMismatch", "ExportRequest", "ExportResult", "Figures", "ModelCard",
     "RobustBenchArch", "board_fields", "boards_for", "build_corruptions_info", "build_model_info",
     "claim_corruptions_root", "claim_data_root", "default_model_name", "default_out", "export",
-    "file_sha256", "install_robustbench", "load_into_robustbench", "load_weights", "max_logit_diff", "pct",
+    "file_sha256", "install_robustbench", "load_as_maintainer", "load_into_robustbench", "load_weights", "max_logit_diff", "pct",
     "probe_batch", "project_model_from_robustbench", "robustbench_arch", "robustbench_state_dict", "run_claim",
-    "save_weights", "validate_model_info", "verify_export", "zoo_entry_source",
+    "save_weights", "validate_model_info", "verify_as_maintainer", "verify_export", "zoo_entry_source",
+    "zoo_with_entry",
 ]

@@ -25,6 +25,8 @@ SUPPORTED = ("wrn-D-W (RobustBench wide_resnet.WideResNet: wrn-34-10, wrn-28-10,
              "wrn-D-W-silu (dm_wide_resnet.DMWideResNet: wrn-28-10-silu, ...), "
              "preact-resnet-18 (resnet.PreActResNet)")
 _ARCH_PACKAGE = "robustbench.model_zoo.architectures"
+# robustbench.utils.load_model refuses an entry whose gdrive_id is None even when the file is in place
+GDRIVE_PLACEHOLDER = "FILL-IN-the-Google-Drive-id-of-the-uploaded-weights"
 
 
 @dataclass(frozen=True)
@@ -235,11 +237,15 @@ def zoo_entry_source(model_name: str, arch: RobustBenchArch, dataset: str, norm:
         "export_robustbench.py.",
         f"# Paste ENTRY's tuple into the {lists} list{'s' if len(boards) > 1 else ''} of "
         f"robustbench/model_zoo/{dataset}.py",
-        "# and set 'gdrive_id' to the shared file of the exported weights. The export loaded the weights",
-        "# into exactly this constructor with strict=True and compared its logits with the trained model.",
+        f"# and replace the gdrive_id placeholder with the Google Drive id of the uploaded {model_name}.pt.",
+        *(["# The export loaded this entry through robustbench.utils.load_model from its models/ folder (the",
+           "# weights in place, so nothing was downloaded) and compared the logits with the trained model."]
+          if dataset in ("cifar10", "cifar100") else
+          [f"# RobustBench has no {dataset} zoo: the export loaded the weights into this constructor with",
+           "# strict=True and compared the logits with the trained model."]),
         *arch.import_lines(), "",
         f"ENTRY = ({model_name!r}, {{",
         "    'model':",
         f"    lambda: {arch.call_source()},",
-        "    'gdrive_id': None,",
+        f"    'gdrive_id': {GDRIVE_PLACEHOLDER!r},",
         "})", ""])

@@ -40,6 +40,7 @@ class Figures:
     eps: float
     norm: str
     source: str
+    implementation: Optional[str] = None  # the AutoAttack that measured ``autoattack`` (package, version, source)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,15 @@ def figures_from_report(report: "EvalReport", *, dataset: str, norm: str, eps: f
                         f"run eval_autoattack.py SOURCE --norm {norm} --eps {text} --attacks aa, or pass --eps")
     n = part.n if part.n is not None else (row.n or 0)
     return Figures(clean=part.clean_accuracy, autoattack=row.robust_accuracy, n=int(n), eps=eps, norm=norm,
-                   source=str(path))
+                   source=str(path), implementation=_autoattack_summary(report.raw))
+
+
+def _autoattack_summary(raw: dict) -> Optional[str]:
+    """The report's ``environment.autoattack.summary`` (which AutoAttack ran); None in older reports."""
+    found = raw.get("environment")
+    for key in ("autoattack", "summary"):
+        found = found.get(key) if isinstance(found, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def corruption_figures_from_report(report: "EvalReport", *, dataset: str) -> CorruptionFigures:

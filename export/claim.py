@@ -22,7 +22,8 @@ from errors import UserError
 from .arch import RobustBenchArch, install_robustbench
 from .boards import CORRUPTIONS_BOARD
 from .model_info import pct
-from .weights import file_sha256, load_into_robustbench
+from .roundtrip import load_as_maintainer, read_zoo_entry, weights_path
+from .weights import file_sha256
 
 RB_DATASETS = ("cifar10", "cifar100")
 FULL_TEST_SET = 10_000  # RobustBench evaluates CIFAR-10/100 models on the whole test set
@@ -61,11 +62,12 @@ def claim_corruptions_root(dataset: str, data_dir: str | os.PathLike) -> Path:
     return data.folder.parent
 
 
-def run_claim(arch: RobustBenchArch, weights: str | os.PathLike, *, dataset: str, data_root: Path,
-              norm: str, eps: Optional[float], n_examples: int = FULL_TEST_SET, batch_size: int = 256,
-              device: torch.device | str = "cpu", work_dir: str | os.PathLike = ".",
+def run_claim(arch: RobustBenchArch, zoo_entry: str | os.PathLike, model_dir: str | os.PathLike, *, dataset: str,
+              data_root: Path, norm: str, eps: Optional[float], n_examples: int = FULL_TEST_SET,
+              batch_size: int = 256, device: torch.device | str = "cpu", work_dir: str | os.PathLike = ".",
               corruptions_root: Optional[Path] = None) -> dict[str, Any]:
-    """``robustbench.eval.benchmark`` on the exported file in RobustBench's class, for board ``norm``.
+    """``robustbench.eval.benchmark`` for board ``norm`` on the model a maintainer gets: the entry of
+    ``zoo_entry`` loaded by ``robustbench.utils.load_model`` from ``model_dir`` (``export.roundtrip``).
 
     Linf / L2 run without an AutoAttack state file: robustbench 1.1.1 then computes the robust
     accuracy from the returned adversarial examples, whereas with a state file it calls ``mean()``
@@ -75,7 +77,8 @@ def run_claim(arch: RobustBenchArch, weights: str | os.PathLike, *, dataset: str
     """
     from attacks import rb_bridge
 
-    model = load_into_robustbench(arch, weights)
+    model = load_as_maintainer(zoo_entry, model_dir, dataset, norm)
+    weights = weights_path(model_dir, read_zoo_entry(zoo_entry)[0], dataset, norm)
     install_robustbench()
     from robustbench.eval import benchmark
 
@@ -96,12 +99,13 @@ def run_claim(arch: RobustBenchArch, weights: str | os.PathLike, *, dataset: str
     else:
         log_path = work / f"claim_autoattack_{norm}.log"
         clean, robust = benchmark(model, threat_model=norm, eps=eps, log_path=str(log_path), **common)
+        implementation = rb_bridge.autoattack_implementation()
         figures = {"autoattack_acc": pct(robust), "autoattack_accuracy": robust, "autoattack_log": str(log_path),
-                   "autoattack": "git autoattack" if rb_bridge.uses_git_autoattack()
-                   else "pyautoattack through attacks.rb_bridge"}
+                   "autoattack": implementation["summary"], "autoattack_implementation": implementation}
     return {"dataset": dataset, "threat_model": norm, "eps": None if eps is None else eps_text(eps, norm),
             "n_examples": n_examples, "clean_acc": pct(clean), "clean_accuracy": clean, **figures,
-            "constructor": arch.call_source(), "weights": str(weights), "weights_sha256": sha,
+            "constructor": arch.call_source(), "loader": "robustbench.utils.load_model", "weights": str(weights),
+            "weights_sha256": sha,
             "versions": package_versions(("robustbench", "pyautoattack", "torch")), "device": str(device),
             "seconds": round(time.perf_counter() - start, 2), "created": now_iso()}
 

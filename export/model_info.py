@@ -31,6 +31,7 @@ MODEL_INFO_FIELDS: dict[str, str] = {
     "number_forward_passes": "int", "dataset": "str", "venue": "str", "architecture": "str",
     "eps": "str", "clean_acc": "pct", "reported": "pct", "autoattack_acc": "pct",
     "footnote": "str?", "unreliable": "bool",
+    "autoattack_implementation": "str?",  # not RobustBench's: which AutoAttack measured autoattack_acc
 }
 CORRUPTIONS_INFO_FIELDS: dict[str, str] = {
     "link": "str", "name": "str", "authors": "str", "additional_data": "bool",

@@ -53,6 +53,7 @@ from .model_info import (
 )
 from .planning import BoardPlan, plan_boards
 from .request import ExportRequest
+from .roundtrip import RB_ZOO_DATASETS, verify_as_maintainer
 from .weights import LOGIT_TOLERANCE, file_sha256, robustbench_state_dict, save_weights, verify_export
 
 FORMATS = ("pt", "safetensors")
@@ -89,6 +90,7 @@ class ExportResult:
     claim: Optional[dict[str, Any]]
     notes: list[str]
     boards: dict[str, BoardExport] = field(default_factory=dict)
+    maintainer_check: dict[str, Any] = field(default_factory=dict)  # robustbench.utils.load_model, per board
 
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -126,17 +128,20 @@ def export(req: ExportRequest) -> ExportResult:
     """Write weights, zoo entry, model_info (and claim) for ``req``; see the module docstring.
 
     Raises ``UserError`` for bad input (before anything is written) and ``ExportMismatch`` when
-    the written weights do not reproduce the model in RobustBench's class.
+    the written weights do not reproduce the model in RobustBench's class or through its ``load_model``.
     """
     plan = _plan(req)
     out, name, arch = plan.out, plan.name, plan.arch
-    weights = out / "models" / plan.dataset / plan.boards[0].board / f"{name}.{req.fmt}"
-    save_weights(robustbench_state_dict(plan.model), weights, metadata={
-        "format": "robustbench-state-dict", "constructor": arch.call_source(), "dataset": plan.dataset})
+    files = _write_weights(req, plan)
+    weights = files[-1]  # the requested format's file (the .pt comes first: RobustBench's load_model reads it)
     diff = verify_export(plan.model, arch, weights, n=req.verify_n)
     zoo_entry = out / "zoo_entry.py"
     atomic_write_text(zoo_entry, zoo_entry_source(name, arch, plan.dataset, [b.board for b in plan.boards]))
-    done = {b.board: _export_board(req, plan, b, weights, first=i == 0) for i, b in enumerate(plan.boards)}
+    for board in plan.boards[1:]:
+        for file in files:
+            _link(file, out / "models" / plan.dataset / board.board / file.name)
+    maintainer = _verify_as_maintainer(req, plan, zoo_entry)
+    done = {b.board: _export_board(req, plan, b, weights, zoo_entry, first=i == 0) for i, b in enumerate(plan.boards)}
     claims = {k: v.claim for k, v in done.items() if v.claim is not None}
     claim_path = None
     if claims:
@@ -144,23 +149,45 @@ def export(req: ExportRequest) -> ExportResult:
         atomic_write_text(claim_path, json.dumps({"model_name": name, "boards": claims}, indent=2) + "\n")
     notes = plan.notes + _notes(req, plan, claims)
     record = out / "export.json"
-    atomic_write_text(record, json.dumps(_record(req, plan, weights, diff, done, notes), indent=2, default=str) + "\n")
+    atomic_write_text(record, json.dumps(_record(req, plan, files, diff, maintainer, done, notes), indent=2,
+                                         default=str) + "\n")
     first = done[plan.boards[0].board]
     return ExportResult(out, weights, first.model_info_path, zoo_entry, record, claim_path, diff, first.model_info,
-                        first.claim, notes, done)
+                        first.claim, notes, done, maintainer)
 
 
-def _export_board(req: ExportRequest, plan: _Plan, board: BoardPlan, weights: Path, first: bool) -> BoardExport:
-    """The board's weights path (a hard link to the one file), claim and model_info."""
+def _write_weights(req: ExportRequest, plan: _Plan) -> list[Path]:
+    """``NAME.pt`` in the first board's folder (what RobustBench's ``load_model`` reads) and, with
+    ``--format safetensors``, ``NAME.safetensors`` beside it (the same tensors)."""
+    folder = plan.out / "models" / plan.dataset / plan.boards[0].board
+    state = robustbench_state_dict(plan.model)
+    metadata = {"format": "robustbench-state-dict", "constructor": plan.arch.call_source(), "dataset": plan.dataset}
+    return [save_weights(state, folder / f"{plan.name}.{fmt}", metadata=metadata)
+            for fmt in dict.fromkeys(["pt", req.fmt])]
+
+
+def _verify_as_maintainer(req: ExportRequest, plan: _Plan, zoo_entry: Path) -> dict[str, Any]:
+    """Each board's export through ``robustbench.utils.load_model`` with the written zoo entry: the largest
+    logit difference per board, or why it was not run (no RobustBench zoo for the dataset)."""
+    if plan.dataset not in RB_ZOO_DATASETS:
+        return {"loader": None, "skipped": f"RobustBench has no {plan.dataset} model zoo"}
+    diffs = {b.board: verify_as_maintainer(plan.model, zoo_entry, plan.out / "models", plan.dataset, b.board,
+                                           n=req.verify_n) for b in plan.boards}
+    return {"loader": "robustbench.utils.load_model", "model_dir": str(plan.out / "models"),
+            "max_abs_logit_diff": diffs}
+
+
+def _export_board(req: ExportRequest, plan: _Plan, board: BoardPlan, weights: Path, zoo_entry: Path,
+                  first: bool) -> BoardExport:
+    """The board's claim and model_info (its weights are linked into its folder already)."""
     path = plan.out / "models" / plan.dataset / board.board / weights.name
-    if path != weights:
-        _link(weights, path)
     claim = None
     if board.claim_data is not None:
         root, size = board.claim_data
-        claim = run_claim(plan.arch, weights, dataset=plan.dataset, data_root=root, norm=board.board, eps=board.eps,
-                          n_examples=min(req.claim_n, size), batch_size=req.batch_size,
-                          device=module_device(plan.model), work_dir=plan.out, corruptions_root=board.corruptions_root)
+        claim = run_claim(plan.arch, zoo_entry, plan.out / "models", dataset=plan.dataset, data_root=root,
+                          norm=board.board, eps=board.eps, n_examples=min(req.claim_n, size),
+                          batch_size=req.batch_size, device=module_device(plan.model), work_dir=plan.out,
+                          corruptions_root=board.corruptions_root)
     figures = _claim_figures(claim, board) if claim else board.evaluated
     card = req.card if first else dataclasses.replace(req.card, reported=None)  # --reported: the first board's
     model_info = _model_info(card, plan.dataset, plan.arch, board, figures)
@@ -241,7 +268,7 @@ def _claim_figures(claim: Mapping[str, Any], board: BoardPlan) -> BoardFigures:
         return CorruptionFigures(clean=claim["clean_accuracy"], corruptions=claim["corruptions_accuracy"],
                                  n=claim["n_examples"], source="claim")
     return Figures(clean=claim["clean_accuracy"], autoattack=claim["autoattack_accuracy"], n=claim["n_examples"],
-                   eps=float(board.eps or 0.0), norm=board.board, source="claim")
+                   eps=float(board.eps or 0.0), norm=board.board, source="claim", implementation=claim["autoattack"])
 
 
 def _model_info(card: ModelCard, dataset: str, arch: RobustBenchArch, board: BoardPlan,
@@ -253,6 +280,8 @@ def _model_info(card: ModelCard, dataset: str, arch: RobustBenchArch, board: Boa
         assert (figures is None or isinstance(figures, Figures)) and board.eps is not None
         model_info = build_model_info(card, dataset=dataset, architecture=arch.display, eps=board.eps,
                                       norm=board.board, figures=figures)
+        if figures is not None and figures.implementation:  # which AutoAttack measured autoattack_acc
+            model_info["autoattack_implementation"] = figures.implementation
     problems = validate_model_info(model_info, evaluated=figures is not None, board=board.board)
     if problems:
         raise UserError(f"model_info would be invalid: {'; '.join(problems)}")
@@ -298,8 +327,8 @@ def _notes(req: ExportRequest, plan: _Plan, claims: Mapping[str, Mapping[str, An
     return notes
 
 
-def _record(req: ExportRequest, plan: _Plan, weights: Path, diff: float, done: Mapping[str, BoardExport],
-            notes: list[str]) -> dict[str, Any]:
+def _record(req: ExportRequest, plan: _Plan, files: list[Path], diff: float, maintainer: Mapping[str, Any],
+            done: Mapping[str, BoardExport], notes: list[str]) -> dict[str, Any]:
     """Provenance of the export: what was taken from where, and how it was checked."""
     info = plan.info
     boards = {}
@@ -316,10 +345,10 @@ def _record(req: ExportRequest, plan: _Plan, weights: Path, diff: float, done: M
     return {"created": now_iso(), "model_name": plan.name, "source": req.source, "checkpoint": info.get("path"),
             "weights_kind": info.get("weights"), "weights_choice": req.weights, "arch": info.get("arch"),
             "epoch": info.get("epoch"), "global_step": info.get("global_step"),
-            "robustbench_constructor": plan.arch.call_source(), "weights_file": str(weights), "format": req.fmt,
-            "weights_sha256": file_sha256(weights),
+            "robustbench_constructor": plan.arch.call_source(), "weights_file": str(files[-1]), "format": req.fmt,
+            "weights_sha256": file_sha256(files[-1]), "files_sha256": {f.name: file_sha256(f) for f in files},
             "verification": {"max_abs_logit_diff": diff, "tolerance": LOGIT_TOLERANCE, "inputs": req.verify_n,
-                             "strict_load": True, "dtype": "float32"},
+                             "strict_load": True, "dtype": "float32", "robustbench_load_model": dict(maintainer)},
             "dataset": plan.dataset, "boards": boards, "notes": notes}
 
 

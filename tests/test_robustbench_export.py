@@ -60,14 +60,15 @@ def _make_run(root: Path, arch: str, dataset: str, num_classes: int,
 def _write_eval_report(run: Path, clean: list[bool], aa: list[bool], eps: float = 8 / 255) -> dict:
     """RUN/eval/report.json as eval_autoattack.py writes it (same report_dict and model info)."""
     from checkpoints.run import load_model
-    from evaluation.report import report_dict
+    from evaluation.report import environment_info, report_dict
     from evaluation.suite import AttackResult, SuiteResult, SuiteSettings
 
     _, info = load_model(run)
     settings = SuiteSettings.build([eps], ["aa"])
     result = SuiteResult(settings, torch.zeros(len(clean), dtype=torch.long), torch.tensor(clean))
     result.results[(settings.eps[0], "aa")] = AttackResult("aa", settings.eps[0], torch.tensor(aa), sum(clean), 1.0, 0)
-    meta = {"model": info, "data": {"dataset": info["dataset"], "split": "test", "n": len(clean)}}
+    meta = {"model": info, "data": {"dataset": info["dataset"], "split": "test", "n": len(clean)},
+            "environment": environment_info()}
     report = json.loads(json.dumps(report_dict(result, meta), default=str))
     (run / "eval").mkdir(exist_ok=True)
     (run / "eval" / "report.json").write_text(json.dumps(report))
@@ -131,6 +132,8 @@ def test_export_from_run_loads_strictly_with_equal_logits(runs, family, tmp_path
     info = json.loads((out / "model_info" / dataset / "Linf" / "Test2024GKL_small.json").read_text())
     assert rbx.validate_model_info(info) == []
     assert list(info) == [k for k in rbx.MODEL_INFO_FIELDS if k != "footnote"]
+    assert info["autoattack_implementation"] == json.loads((run / "eval" / "report.json").read_text())[
+        "environment"]["autoattack"]["summary"]
     expected_arch = "WideResNet-10-1" if family == "wrn" else "WideResNet-16-4"
     assert (info["clean_acc"], info["autoattack_acc"], info["reported"]) == ("70.00", "40.00", "40.00")
     assert (info["eps"], info["dataset"], info["architecture"]) == ("8/255", dataset, expected_arch)
@@ -139,6 +142,69 @@ def test_export_from_run_loads_strictly_with_equal_logits(runs, family, tmp_path
     record = json.loads((out / "export.json").read_text())
     assert record["weights_kind"] == "avg" and record["epoch"] == EPOCH
     assert record["verification"]["max_abs_logit_diff"] == 0.0
+
+
+def _no_network(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_robustbench_load_model_loads_the_export_from_its_model_dir(runs, fmt, tmp_path, monkeypatch, capsys) -> None:
+    """The round trip a maintainer makes: ENTRY pasted into RobustBench's zoo, then robustbench.utils.load_model
+    from the export's models/ folder (real robustbench; offline: the file must be found, not downloaded)."""
+    _no_network(monkeypatch)
+    run, _, avg = runs["wrn"]
+    out, name = tmp_path / "export", "Test2026RoundTrip_WRN-10-1"
+    args = [str(run), "--out", str(out), "--model-name", name, "--allow-unevaluated", "--format", fmt, "--device", "cpu"]
+    assert export_robustbench.main(args) == 0
+    assert f"robustbench.utils.load_model(model_dir={out / 'models'}) loads" in capsys.readouterr().out
+    rbx.install_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.utils import load_model
+
+    entry_name, entry = runpy.run_path(str(out / "zoo_entry.py"))["ENTRY"]
+    assert entry_name == name and isinstance(entry["gdrive_id"], str) and entry["gdrive_id"]
+    linf = model_dicts[BenchmarkDataset.cifar_10][ThreatModel.Linf]
+    assert name not in linf  # the export's own check left RobustBench's zoo as it was
+    monkeypatch.setitem(linf, name, entry)  # pasted into robustbench/model_zoo/cifar10.py
+    model = load_model(model_name=name, model_dir=out / "models", dataset="cifar10", threat_model="Linf")
+    assert _logit_diff(model, avg) < 1e-5
+    folder = out / "models" / "cifar10" / "Linf"
+    assert sorted(p.name for p in folder.iterdir()) == sorted({f"{name}.pt", f"{name}.{fmt}"})
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        pt, st = torch.load(folder / f"{name}.pt", weights_only=True), load_file(str(folder / f"{name}.safetensors"))
+        assert pt.keys() == st.keys() and all(torch.equal(pt[k], st[k]) for k in pt)
+    record = json.loads((out / "export.json").read_text())["verification"]["robustbench_load_model"]
+    assert record["loader"] == "robustbench.utils.load_model" and record["max_abs_logit_diff"]["Linf"] < 1e-5
+
+
+def test_the_maintainer_check_fails_where_robustbench_s_loader_would(runs, tmp_path, monkeypatch) -> None:
+    from export import roundtrip
+
+    _no_network(monkeypatch)
+    run, _, avg = runs["wrn"]
+    out = tmp_path / "export"
+    assert export_robustbench.main([str(run), "--out", str(out), "--allow-unevaluated", "--device", "cpu"]) == 0
+    entry, models = out / "zoo_entry.py", out / "models"
+    assert roundtrip.verify_as_maintainer(avg, entry, models, "cifar10", "Linf", n=4) < 1e-5
+    with pytest.raises(UserError, match="would download it"):  # weights not in place: no download attempt
+        roundtrip.load_as_maintainer(entry, models, "cifar10", "L2")
+    with pytest.raises(UserError, match="already has a model named 'Standard'"):
+        with roundtrip.zoo_with_entry("Standard", {}, "cifar10", "Linf"):
+            pass
+    text = entry.read_text()
+    entry.write_text(text.replace(repr(rbx.arch.GDRIVE_PLACEHOLDER), "None"))  # what the export wrote before
+    with pytest.raises(rbx.ExportMismatch, match="gdrive_id"):
+        roundtrip.load_as_maintainer(entry, models, "cifar10", "Linf")
+    entry.write_text(text.replace("num_classes=10", "num_classes=100"))  # an entry that does not fit the file
+    with pytest.raises(rbx.ExportMismatch, match="size mismatch"):
+        roundtrip.load_as_maintainer(entry, models, "cifar10", "Linf")
 
 
 @pytest.mark.parametrize("family", ["wrn", "dm", "preact"])

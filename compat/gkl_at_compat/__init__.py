@@ -6,7 +6,9 @@ ships. :func:`register` appends one finder to the END of ``sys.meta_path``: the 
 only for modules no other finder found, so a real ``autoattack`` or ``pkg_resources`` on the path
 always wins. Where they are missing it provides
 
-* ``autoattack``: PyPI's ``pyautoattack`` under the git package's name and API (see :mod:`.alias`);
+* ``autoattack``: PyPI's ``pyautoattack`` under the git package's name and API (see :mod:`.alias`), an
+  honest module: ``__file__`` is the alias's source file, ``__version__`` pyautoattack's version, and
+  :func:`implementation` says which AutoAttack (package, version, PyPI or git) ``import autoattack`` gives;
 * ``pkg_resources``: ``resource_filename``, the one function robustbench uses.
 
 ``gkl_at_compat.pth`` calls :func:`register` at interpreter start-up, so this module imports only the
@@ -23,8 +25,9 @@ import types
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["register", "registered", "uses_git_autoattack", "BRIDGE_FLAG"]
+__all__ = ["register", "registered", "uses_git_autoattack", "implementation", "BRIDGE_FLAG"]
 BRIDGE_FLAG = "_gkl_at_bridge"  # set on the modules this package makes up
+_ALIAS_FILE = str(Path(__file__).resolve().parent / "alias.py")
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -63,7 +66,10 @@ class CompatFinder(importlib.abc.MetaPathFinder):
         if fullname == "autoattack":
             if importlib.util.find_spec("pyautoattack") is None:
                 return None  # the usual "No module named 'autoattack'"
-            return importlib.machinery.ModuleSpec(fullname, _AliasLoader(), is_package=True)
+            # origin: the alias's source file becomes the module's __file__ (and shows in its repr)
+            spec = importlib.machinery.ModuleSpec(fullname, _AliasLoader(), origin=_ALIAS_FILE, is_package=True)
+            spec.has_location = True
+            return spec
         if fullname == "pkg_resources":
             return importlib.machinery.ModuleSpec(fullname, _PkgResourcesLoader())
         return None
@@ -87,3 +93,11 @@ def uses_git_autoattack() -> bool:
         return not getattr(module, BRIDGE_FLAG, False)
     spec = importlib.util.find_spec("autoattack")
     return spec is not None and not isinstance(spec.loader, _AliasLoader)
+
+
+def implementation() -> dict[str, Optional[str]]:
+    """Which AutoAttack ``import autoattack`` gives here: ``package``, ``version``, ``source`` (``pypi`` or
+    ``git``, ...), ``commit``, ``url``, ``module_file`` and a one-line ``summary`` (nothing is imported)."""
+    from .provenance import implementation as _implementation
+
+    return _implementation(alias=not uses_git_autoattack())
