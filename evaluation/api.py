@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -195,12 +196,13 @@ def _shard(device: torch.device, n: int, chunk_size: int) -> tuple[sharding.Shar
     """This process's shard: of an initialised group, of torchrun's environment (joined here), or alone."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        shard = sharding.Shard.current()
-        sharding.check_world_size(n, chunk_size, shard.world_size)
-        return shard, False
-    world = sharding.env_world_size()
-    sharding.check_world_size(n, chunk_size, world)
+    joined = dist.is_available() and dist.is_initialized()
+    world = sharding.Shard.current().world_size if joined else sharding.env_world_size()
+    idle = sharding.idle_note(n, chunk_size, world)
+    if idle and (sharding.Shard.current().is_main if joined else sharding.env_rank() == 0):
+        print(f"note: {idle}", file=sys.stderr)
+    if joined:
+        return sharding.Shard.current(), False
     return sharding.start(device), world > 1
 
 
