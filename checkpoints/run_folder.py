@@ -40,11 +40,13 @@ Identity = Optional[tuple[int, int, int, int]]
 
 
 def has_checkpoints(run_dir: Path) -> bool:
+    """Whether ``run_dir/checkpoints`` holds any ``.pt`` file."""
     folder = run_dir / "checkpoints"
     return folder.is_dir() and any(folder.glob("*.pt"))
 
 
 def _holder(pid: Optional[int]) -> str:
+    """How a message names a lock's holder."""
     return f"process {pid}" if pid else "another process"
 
 

@@ -26,6 +26,7 @@ def check_count(flag: str, value: int, limit: int) -> None:
 
 
 def flag_name(field: str) -> str:
+    """``--batch-size`` for ``batch_size``."""
     return "--" + field.replace("_", "-")
 
 

@@ -19,6 +19,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -108,7 +109,11 @@ def script_start(message: str) -> None:
 def stop_signals() -> Iterator[None]:
     """Inside the block the first SIGINT/SIGTERM raises :class:`Interrupted` and later ones are ignored
     (a trainer installs its own handlers while it trains and calls :func:`stopping` on its first
-    signal). The previous handlers are back after the block. Main thread only."""
+    signal). The previous handlers are back after the block. Outside the main thread (where Python
+    allows no handlers) the block runs with the handlers as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     _STOP.stopping, _STOP.raising = False, True
     for s in STOP_SIGNALS:

@@ -36,8 +36,9 @@ RUN_OPTIONS = ("out", "resume", "device", "quiet")  # how this invocation runs: 
 COUNT_LIMITS = {"n_ex": 10**9, "batch_size": 1 << 20, "chunk_size": 1 << 30, "seed": SEED_LIMIT}
 
 
-def _meta(help: str, **more: Any) -> dict[str, Any]:
-    return {"help": help, **more}
+def _meta(text: str, **more: Any) -> dict[str, Any]:
+    """A field's metadata for :mod:`core.flags`: its --help line and more (choices, metavar, positional)."""
+    return {"help": text, **more}
 
 
 @dataclass
@@ -119,10 +120,12 @@ class EvalConfig:
         return self
 
     def attack_names(self) -> list[str]:
+        """The attacks of the suites (``corruptions`` is a section of its own)."""
         return [a for a in self.attacks if a.strip().lower() != CORRUPTIONS_ATTACK]
 
     @property
     def with_corruptions(self) -> bool:
+        """Whether ``--attacks`` asks for the common corruptions."""
         return any(a.strip().lower() == CORRUPTIONS_ATTACK for a in self.attacks)
 
     def chosen_norms(self) -> Optional[list[str]]:
@@ -142,6 +145,7 @@ class EvalConfig:
                                     batch_size=self.batch_size, chunk_size=self.chunk_size) for n in norms]
 
     def corruption_settings(self) -> Optional[CorruptionSettings]:
+        """The corruption section's settings, or None without ``--attacks corruptions``."""
         if not self.with_corruptions:
             return None
         return CorruptionSettings.build(self.corruptions, self.severities, n_ex=self.n_ex, batch_size=self.batch_size)
@@ -178,6 +182,7 @@ class EvalConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_OPTIONS}
 
     def to_yaml(self) -> str:
+        """The saved settings as ``OUT/config.yaml`` holds them (and ``--print-config`` prints them)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
