@@ -37,8 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--print-schedule", action="store_true", help="print eps / attack steps / lr per epoch and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    p.add_argument("--verify-generated", action="store_true",
-                   help="check the SHA-256 of every --generated shard against its index.json first (reads the whole set)")
+    p.add_argument("--verify-generated", action="store_true", help="check the SHA-256 of every --generated shard "
+                   "against its index.json first (reads the whole set)")
     add_config_arguments(p)
     return p
 

@@ -2,10 +2,11 @@
 
 Every field becomes ``--field-name`` (or a positional argument), typed by its annotation: ``int``,
 ``float``, ``str``, ``bool`` (a switch), ``list[X]`` (one or more values), each possibly
-``Optional``. A field's ``metadata`` may hold ``help`` (one line), ``choices`` (a tuple, or a
-function returning one, read when the parser is built), ``metavar`` and ``positional``. Flags
-default to "not given" (absent from the parsed namespace), so that :func:`given_values` tells a
-value typed on the command line from a default or a saved value (a resume reads those back).
+``Optional``. A field's ``metadata`` may hold ``help`` (one line) and ``choices`` (a tuple), each
+also as a function returning it (read when the parser is built, so registries can still grow),
+``metavar`` and ``positional``. Flags default to "not given" (absent from the parsed namespace), so
+that :func:`given_values` tells a value typed on the command line from a default or a saved value
+(a resume reads those back).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta, tp = f.metadata, _unwrap(hints[f.name])
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": meta.get("help", "")}
+        text = meta.get("help", "")
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text() if callable(text) else text}
         if tp is bool:
             kwargs["action"] = "store_true"
         else:

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -27,7 +27,7 @@ from .corruptions import CORRUPTIONS_ATTACK, CorruptionSettings
 from .inputs import SPLITS
 from .results import SuiteSettings
 from .sharding import DEFAULT_CHUNK_SIZE
-from .spec import EXAMPLES, parse_attacks
+from .spec import attack_examples, parse_attacks
 
 CONFIG_NAME = "config.yaml"
 DEFAULT_OUT = "eval"
@@ -36,7 +36,7 @@ RUN_OPTIONS = ("out", "resume", "device", "quiet")  # how this invocation runs: 
 COUNT_LIMITS = {"n_ex": 10**9, "batch_size": 1 << 20, "chunk_size": 1 << 30, "seed": SEED_LIMIT}
 
 
-def _meta(text: str, **more: Any) -> dict[str, Any]:
+def _meta(text: Union[str, Callable[[], str]], **more: Any) -> dict[str, Any]:
     """A field's metadata for :mod:`core.flags`: its --help line and more (choices, metavar, positional)."""
     return {"help": text, **more}
 
@@ -54,7 +54,8 @@ class EvalConfig:
         "radii in the norm's notation: Linf 8, 8/255 or 0.0314; L2 0.5; L1 12. With several --norm write "
         "NORM:RADIUS (Linf:8/255 L2:0.5). Default: RobustBench's 8/255, 0.5 and 12"))
     attacks: list[str] = field(default_factory=lambda: ["aa"], metadata=_meta(
-        f"from: {EXAMPLES}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) (default aa)"))
+        lambda: f"from: {attack_examples()}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) "
+                "(default aa)"))
     n_ex: Optional[int] = field(default=None, metadata=_meta(
         "evaluate the first N points (default all); with corruptions: per corruption and severity"))
     batch_size: int = field(default=256, metadata=_meta("images per forward (default 256)"))
