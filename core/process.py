@@ -132,6 +132,11 @@ def stopping() -> None:
 
 
 def script_end(code: int) -> int:
-    """A script's last call: the exit code, with stop signals ignored while the interpreter shuts down."""
+    """A script's last call: the exit code, with stop signals ignored while the interpreter shuts down.
+
+    Ignored by the OS (``SIG_IGN``), not by a Python handler: the interpreter's last steps put Python
+    handlers back to the default action, which a late Ctrl-C would turn into a death by SIGINT."""
     stopping()
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     return code

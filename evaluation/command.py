@@ -59,9 +59,9 @@ def main(cfg: EvalConfig, *, argv: Sequence[str] = (), print_config: bool = Fals
         shard = sharding.start(device)
         try:
             store = ResultStore(out / "cache", _cache_identity(info, data), resume=cfg.resume)
-            if shard.is_main:
-                store.write_manifest(radii, cfg.chunk_size)
+            if shard.is_main:  # the settings first: a saved manifest always has them beside it for --resume
                 atomic_write_text(out / CONFIG_NAME, cfg.to_yaml())
+                store.write_manifest(radii, cfg.chunk_size)
                 _echo(cfg, suites, info, data, out)
             results = [run_suite(model, x, y, s, store=store, progress=not cfg.quiet, shard=shard,
                                  adv_dir=(out / "adv" / ("" if i == 0 else s.norm)) if cfg.save_adv else None)
