@@ -1,8 +1,14 @@
-"""Process-group helpers: one code path for 1..N processes (torchrun), used by training and evaluation."""
+"""Process-group helpers: one code path for 1..N processes, used by training and evaluation.
+
+The processes come from torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``) or from Slurm's ``srun`` (one process per task): :func:`adopt_slurm_env` writes
+torchrun's variables from Slurm's, so everything after it is torchrun's code path.
+"""
 from __future__ import annotations
 
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -29,8 +35,57 @@ class DistInfo:
         return self.world_size > 1
 
 
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 40000  # MASTER_PORT of a Slurm job: a function of its job id
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (``gpu[07-09,12],cpu1`` -> ``gpu07``; ``r[1-2]-n[3,4]`` -> ``r1-n3``)."""
+    host = ""
+    for prefix, bracket, rest in re.findall(r"([^\[,]*)(?:\[([^\]]*)\])?(,?)", nodelist.strip()):
+        host += prefix + re.split(r"[,\-]", bracket)[0]
+        if rest or not (prefix or bracket):
+            break
+    if not host:
+        raise UserError(f"cannot read the first host of the Slurm node list {nodelist!r}: set MASTER_ADDR")
+    return host
+
+
+def slurm_launch_env(environ: Optional[dict] = None) -> Optional[dict[str, str]]:
+    """torchrun's variables for a process that ``srun`` started as one of N > 1 tasks, else None.
+
+    Only a job step has ``SLURM_STEP_NUM_TASKS`` (a batch script that runs one python does not). The
+    rendezvous is the step's first node, on a port derived from the job id (the same for every task
+    and every allocation of a requeued job); ``MASTER_ADDR`` / ``MASTER_PORT`` already set win.
+    """
+    env = os.environ if environ is None else environ
+    tasks = env.get("SLURM_STEP_NUM_TASKS")
+    if tasks is None or "WORLD_SIZE" in env:
+        return None
+    try:
+        world, rank, local = int(tasks), int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
+        job = int(env.get("SLURM_JOB_ID", "0"))
+    except (KeyError, ValueError):
+        raise UserError("srun started this process but SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_JOB_ID are "
+                        "missing or not numbers: launch with srun inside a Slurm job, or with torchrun") from None
+    if world <= 1:
+        return None
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(SLURM_PORT_BASE + job % SLURM_PORT_SPAN)}
+
+
+def adopt_slurm_env() -> None:
+    """Under ``srun`` with several tasks, set torchrun's variables from Slurm's (see :func:`slurm_launch_env`)."""
+    found = slurm_launch_env()
+    if found:
+        os.environ.update(found)
+
+
 def world_size_from_env() -> int:
-    """``WORLD_SIZE`` as torchrun sets it (1 when absent), checked before any process group exists."""
+    """``WORLD_SIZE`` as torchrun sets it, or Slurm's task count under ``srun`` (1 when neither), checked
+    before any process group exists."""
+    adopt_slurm_env()
     text = os.environ.get("WORLD_SIZE", "1")
     try:
         world = int(text)
@@ -42,11 +97,12 @@ def world_size_from_env() -> int:
 
 
 def init_from_env(device_type: str, timeout: Optional[timedelta] = None) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else single process.
+    """Initialise the process group when launched by torchrun or srun (more than one process), else
+    a single process.
 
     ``timeout`` bounds how long a collective waits for the slowest rank (torch's default if None).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():

@@ -24,6 +24,7 @@ from core.torch_files import write_failure
 from data import NUM_CLASSES
 from data.corruptions import CorruptedCifar
 from errors import UserError
+from models import check_output
 
 from . import sharding
 from .config import CONFIG_NAME, EvalConfig
@@ -33,6 +34,7 @@ from .report import environment_info, write_reports
 from .sections import NormSection
 from .store import ResultStore, check_resume
 from .suite import run_suite, summary_line
+from .tracking import track_report
 
 
 def main(cfg: EvalConfig, *, argv: Sequence[str] = (), print_config: bool = False) -> int:
@@ -49,8 +51,11 @@ def main(cfg: EvalConfig, *, argv: Sequence[str] = (), print_config: bool = Fals
     suites, corruptions = cfg.suites(), cfg.corruption_settings()
     corrupted = CorruptedCifar.open(cfg.dataset, cfg.data_dir, corruptions.corruptions) if corruptions else None
     x, y, data = _points(cfg)
+    check_output(model, tuple(x.shape[1:]), NUM_CLASSES[cfg.dataset], info.get("arch") or "the model")
     out = cfg.out_dir()
-    sharding.check_world_size(len(y), cfg.chunk_size, world)
+    idle = sharding.idle_note(len(y), cfg.chunk_size, world)
+    if idle and sharding.env_rank() == 0:
+        print(f"note: {idle}", file=sys.stderr)
     radii = _radii_list(suites)
     if cfg.resume:
         check_resume(out / "cache", radii, cfg.chunk_size)
@@ -79,6 +84,7 @@ def main(cfg: EvalConfig, *, argv: Sequence[str] = (), print_config: bool = Fals
                     "command": " ".join(["eval_autoattack.py"] + list(argv)), "out": str(out),
                     "wall_seconds": round(time.perf_counter() - start, 2)}
             paths = _write_reports(results[0], out, meta, sections)
+            track_report(cfg.tracker, out, paths["json"])
         finally:
             sharding.stop()
     lines = [f"{r.settings.norm}: {summary_line(r)}" if len(results) > 1 else summary_line(r) for r in results]
@@ -102,7 +108,7 @@ def load(cfg: EvalConfig, device: torch.device) -> tuple[torch.nn.Module, dict[s
     num_classes = NUM_CLASSES[cfg.dataset] if cfg.dataset else None
     with warnings.catch_warnings(record=True):  # the same text comes back in info["notes"], printed once
         model, info = load_model(cfg.source, weights=cfg.weights, checkpoint=cfg.checkpoint, arch=cfg.arch,
-                                 num_classes=num_classes, device=device)
+                                 num_classes=num_classes, arch_kwargs=cfg.arch_kwargs, device=device)
     run_folder.check_unchanged(info["path"], before, kept="nothing was evaluated yet")  # replaced while loading
     return model, info, before
 

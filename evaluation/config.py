@@ -20,6 +20,7 @@ import yaml
 from checkpoints.run import WEIGHTS, default_out_dir
 from core.flags import SEED_LIMIT, STEPS_LIMIT, check_count
 from core.threat import NORMS, STANDARD_EPS, eps_text, parse_eps, parse_radii
+from core.tracking import require as require_tracker
 from data import DATASETS
 from errors import UserError
 
@@ -31,7 +32,7 @@ from .spec import attack_examples, parse_attacks
 
 CONFIG_NAME = "config.yaml"
 DEFAULT_OUT = "eval"
-RUN_OPTIONS = ("out", "resume", "device", "quiet")  # how this invocation runs: neither saved nor read back
+RUN_OPTIONS = ("out", "resume", "device", "quiet", "tracker")  # how this invocation runs: neither saved nor read back
 # Upper bounds of the counts (a typo must not allocate the machine's memory or run for ever).
 COUNT_LIMITS = {"n_ex": 10**9, "batch_size": 1 << 20, "chunk_size": 1 << 30, "seed": SEED_LIMIT}
 
@@ -77,7 +78,12 @@ class EvalConfig:
     split: str = field(default="test", metadata=_meta("test (default) or train", choices=SPLITS))
     weights: str = field(default="avg", metadata=_meta("averaged (default) or raw weights", choices=WEIGHTS))
     checkpoint: str = field(default="last", metadata=_meta("last (default), best, or epoch_NNNN in a run folder"))
-    arch: Optional[str] = field(default=None, metadata=_meta("architecture of a plain state dict (e.g. wrn-34-10)"))
+    arch: Optional[str] = field(default=None, metadata=_meta(
+        "architecture of a plain state dict: a registry name (e.g. wrn-34-10) or MODULE:CALLABLE (e.g. "
+        "my_nets.py:make), a function or class returning the model"))
+    arch_kwargs: Optional[str] = field(default=None, metadata=_meta(
+        "keyword arguments of a MODULE:CALLABLE architecture, a JSON object (e.g. '{\"width\": 64}')",
+        metavar="JSON"))
     out: Optional[str] = field(default=None, metadata=_meta("output folder (default RUN/eval)"))
     resume: bool = field(default=False, metadata=_meta(
         f"continue the evaluation in --out: its {CONFIG_NAME} gives every setting not given here, finished "
@@ -85,10 +91,14 @@ class EvalConfig:
     save_adv: bool = field(default=False, metadata=_meta("save adversarial examples under --out/adv"))
     device: str = field(default="auto", metadata=_meta("auto (cuda when available), cpu, cuda, cuda:1 ..."))
     quiet: bool = field(default=False, metadata=_meta("no progress bars or per-attack lines"))
+    tracker: str = field(default="tensorboard", metadata=_meta(
+        "where the accuracies also go: tensorboard (OUT/tb, the default), wandb, mlflow or none "
+        "(evaluation/tracking.py)"))
 
     # ------------------------------------------------------------------------------- checks
     def validate(self) -> "EvalConfig":
         """Check every setting that needs no model, before anything is loaded or written."""
+        require_tracker(self.tracker)
         if (self.source is None) == (self.robustbench_model is None):
             raise UserError("pass exactly one model: a SOURCE path or --robustbench-model NAME")
         for f in dataclasses.fields(self):

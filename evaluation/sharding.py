@@ -7,8 +7,9 @@ flags therefore depend on its chunk only, never on which process attacked the ch
 processes there were: process ``r`` of ``W`` takes chunks ``r, r + W, r + 2W, ...`` and the flags
 are gathered in chunk order. One process is the case ``W = 1`` of the same code.
 
-Processes come from torchrun (``RANK`` / ``WORLD_SIZE``); the process group is gloo on the CPU
-and NCCL on GPUs, one GPU per process (``LOCAL_RANK``).
+Processes come from torchrun (``RANK`` / ``WORLD_SIZE``) or from Slurm's srun (core.distributed);
+the process group is gloo on the CPU and NCCL on GPUs, one GPU per process (``LOCAL_RANK``). With
+more processes than chunks the processes without a chunk stay idle (:func:`idle_note`).
 """
 from __future__ import annotations
 
@@ -87,29 +88,40 @@ def chunk_seed(seed: int, eps: float, attack: str, chunk: int) -> int:
 
 
 def env_world_size() -> int:
-    """``WORLD_SIZE`` as torchrun sets it (1 when absent), read before any process group exists."""
+    """``WORLD_SIZE`` as torchrun sets it, or Slurm's task count under srun (1 when neither), read before
+    any process group exists."""
     from core.distributed import world_size_from_env
 
     return world_size_from_env()
 
 
 def env_rank() -> int:
-    """``RANK`` as torchrun sets it (0 when absent or unreadable: then this process speaks)."""
+    """``RANK`` as torchrun sets it, or Slurm's under srun (0 when absent or unreadable: then this process speaks)."""
+    from core.distributed import adopt_slurm_env
+
     try:
+        adopt_slurm_env()
         return int(os.environ.get("RANK", "0"))
-    except ValueError:
+    except (UserError, ValueError):
         return 0
 
 
-def check_world_size(n: int, chunk_size: int, world: int) -> list[Chunk]:
-    """The chunks of ``n`` points; a ``UserError`` when some process would get none."""
+def idle_note(n: int, chunk_size: int, world: int) -> Optional[str]:
+    """One line naming the processes that get no chunk of the ``n`` points (None when all get one).
+
+    Such processes join the process group and the final gather with nothing to attack: the results
+    are the same as with fewer processes, and a job that waited in a queue for its GPUs still runs.
+    """
     chunks = split_chunks(n, chunk_size)
-    if world > len(chunks):
-        fit = max(1, n // world)
-        raise UserError(f"{world} processes but --chunk-size {chunk_size} splits the {n} points into "
-                        f"{len(chunks)} chunk(s): every process needs a chunk; start at most {len(chunks)} "
-                        f"process(es) or pass --chunk-size {fit} or less")
-    return chunks
+    if world <= len(chunks):
+        return None
+    idle = list(range(len(chunks), world))
+    names = f"rank {idle[0]} gets no chunk and waits" if len(idle) == 1 else \
+        f"ranks {idle[0]}-{idle[-1]} get no chunk and wait"
+    hint = f"--chunk-size {n // world} or less gives every process a chunk" if n >= world \
+        else f"{n} points keep at most {n} processes busy"
+    return (f"{world} processes but --chunk-size {chunk_size} splits the {n} points into {len(chunks)} chunk(s): "
+            f"{names} idle (results unchanged; {hint})")
 
 
 def device_for(device: torch.device, world: int) -> torch.device:

@@ -8,6 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# The one-node Slurm cluster of the submit.py tests (session fixture ``slurm``).
+pytest_plugins = ["slurm_cluster"]
+
 # One thread per test process: on a loaded 2-core machine OpenMP spin-waiting makes 2 threads ~10x slower.
 torch.set_num_threads(1)
 

@@ -369,8 +369,6 @@ EVAL_CASES = [
     Case("export: negative eps", "export", lambda p: [str(p.run), "--eps", "-8/255"], "'-8/255' is outside [0, 1]"),
     Case("export: project dict without model", "export", lambda p: [str(p.tmp / "m.pt"), "--allow-unevaluated"],
          "has no valid model", setup=_file("m.pt", make=_project_dict_without_model)),
-    Case("eval: more processes than chunks", "eval", lambda p: [str(p.run), "--n-ex", "8", "--chunk-size", "4"],
-         "3 processes but --chunk-size 4 splits the 8 points into 2 chunk(s)", env={"WORLD_SIZE": "3"}),
     Case("eval: world size not a number", "eval", lambda p: [str(p.run)], "two", env={"WORLD_SIZE": "two"}),
     Case("eval: chunk size 0", "eval", lambda p: [str(p.run), "--chunk-size", "0"], "--chunk-size must be >= 1"),
     Case("eval: resume with another chunk size", "eval", lambda p: [str(p.run), "--resume", "--chunk-size", "8"],

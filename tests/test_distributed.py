@@ -213,6 +213,8 @@ def test_two_processes_with_sync_bn_equal_one_process_with_the_full_batch(runs):
     assert not torch.allclose(one["bank"]["bank"], torch.full_like(one["bank"]["bank"], 0.1))
     for k in ("train_loss", "train_ce", "train_wmse", "train_acc_adv", "val_clean", "val_pgd"):
         assert two["history"][0][k] == pytest.approx(one["history"][0][k], abs=1e-5), k
+    images = [h["history"][0]["train_images_per_s"] * h["history"][0]["train_time_s"] for h in (two, one)]
+    assert images[0] == pytest.approx(images[1], rel=1e-9) and images[1] > 0  # images/s counts every rank's images
     _assert_same_batches([r["logs"]["sync"] for r in ranks], logs["single"], range(1, CRASH_AT + 1))
 
 

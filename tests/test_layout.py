@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = {"errors": -1, "core": 0, "losses": 1, "models": 1, "data": 1, "attacks": 2, "checkpoints": 3,
-          "training": 4, "evaluation": 5, "export": 6}
+          "training": 4, "evaluation": 5, "export": 6, "cluster": 7}
 MAX_LINES = 400
 
 

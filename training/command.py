@@ -28,7 +28,8 @@ from .config import TrainConfig, build_config, load_preset, load_yaml
 from .schedules import lr_formula, schedule_table
 from .trainer import Trainer, TrainingDiverged, TrainingStopped
 
-RESUME_OVERRIDABLE = {"device", "workers", "checkpoint_every_steps", "data_dir", "generated", "keep_checkpoints"}
+RESUME_OVERRIDABLE = {"device", "workers", "checkpoint_every_steps", "data_dir", "generated", "keep_checkpoints",
+                      "tracker"}
 EXIT_DIVERGED = 3
 EXIT_CODES = """\
 exit codes:

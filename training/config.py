@@ -23,6 +23,7 @@ import yaml
 from core.files import atomic_write_text
 from core.flags import SEED_LIMIT, STEPS_LIMIT, check_count
 from core.threat import NORMS, eps_text, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
+from core.tracking import TRACKERS
 from errors import UserError
 
 from .methods import METHODS, declared_parameters, get_method, key_for_old_name
@@ -67,7 +68,8 @@ class TrainConfig:
     val_size: int = 0  # training images held out for per-epoch metrics and `best` (0: none, train on all)
     drop_last: bool = False  # drop each epoch's last partial batch (the released TRADES script does)
     # model
-    arch: str = "wrn-34-10"
+    arch: str = "wrn-34-10"  # a registry name, or MODULE:CALLABLE (models.factory)
+    arch_kwargs: str = ""  # JSON object of the architecture's keyword arguments, e.g. '{"width": 64}'
     sync_bn: bool = False
     ghost_bn: int = 0  # images per BatchNorm call in a full batch of one process (DataParallel's per-GPU batch); 0: off
     # loss
@@ -118,6 +120,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays CUDA graphs
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace without code generation)
     deterministic: bool = False
+    tracker: str = "tensorboard"  # live scalars of every log.csv column: tensorboard (RUN/tb) | wandb | mlflow | none
     preset: Optional[str] = None
 
     def __init__(self, **values: Any) -> None:
@@ -150,18 +153,20 @@ class TrainConfig:
             object.__setattr__(self, name, value)
 
     def validate(self) -> "TrainConfig":
-        from data import AUGMENTATIONS, DATASETS
-        from models import MODELS
+        from data import AUGMENTATIONS, DATASETS, canonical_name
+        from models import ARCHS, check_arch
 
-        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": tuple(MODELS), "loss": tuple(METHODS),
+        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "arch": ARCHS, "loss": tuple(METHODS),
                    "eps_schedule": EPS_SCHEDULES, "attack_budget": ATTACK_BUDGETS,
                    "lr_schedule": LR_SCHEDULES, "averaging": AVERAGING, "weight_source": WEIGHT_SOURCES,
                    "amp": AMP_MODES, "norm": NORMS, "compile_mode": COMPILE_MODES,
-                   "awp_proxy_views": AWP_PROXY_VIEWS, "generated_epoch": GENERATED_EPOCHS}
+                   "awp_proxy_views": AWP_PROXY_VIEWS, "generated_epoch": GENERATED_EPOCHS, "tracker": TRACKERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: "
                                 f"{', '.join(allowed)}")
+        self.arch, self.arch_kwargs = check_arch(self.arch, self.arch_kwargs)
+        self.dataset = canonical_name(self.dataset)
         self._validate_ranges()
         if self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs {self.warmup_epochs} must be smaller than --epochs {self.epochs}")
