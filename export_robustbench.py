@@ -17,16 +17,33 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
+from core import process  # first: it notes the launcher's PID before the slow imports (see core.process)
+
+if __name__ == "__main__":  # before the slow imports below: a Ctrl-C from the first moment on is one line
+    process.script_start("interrupted before the export started; nothing was written")
+
+from checkpoints import run_folder
+from checkpoints.run import default_out_dir
 from core.cli import ArgumentParser as _Parser
+from core.threat import parse_eps
 from errors import UserError
+from export import (
+    FORMATS,
+    FULL_TEST_SET,
+    THREAT_MODELS,
+    WEIGHT_CHOICES,
+    ExportMismatch,
+    ExportRequest,
+    ModelCard,
+    export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every option maps to a field of ``export.ExportRequest``."""
-    from export import FORMATS, FULL_TEST_SET, THREAT_MODELS, WEIGHT_CHOICES
-
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="run folder, project checkpoint .pt, or plain state dict .pt (with --arch)")
     p.add_argument("--out", default=None, help="output folder (default RUN/robustbench)")
@@ -70,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args: argparse.Namespace):
     """The ``ExportRequest`` for parsed arguments."""
-    from export import ExportRequest, ModelCard
-
     card = ModelCard(link=args.link, name=args.name, authors=args.authors, venue=args.venue,
                      additional_data=args.additional_data, number_forward_passes=args.forward_passes,
                      reported=args.reported, footnote=args.footnote)
@@ -85,8 +100,6 @@ def request_from_args(args: argparse.Namespace):
 
 def _parse_radius(text: str, norm: Optional[str]) -> float:
     """A radius in its board's notation: Linf 8, 8/255 or 0.0314; L2 as written (0.5 stays 0.5)."""
-    from core.threat import parse_eps
-
     if norm == "corruptions":
         raise UserError("--eps has no meaning for the corruptions board: drop it")
     value = parse_eps(text, norm or "Linf")
@@ -125,13 +138,20 @@ def _note(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def run_export(request) -> int:
-    """Export ``request`` and print the outcome; returns the exit code (0, 1 mismatch, 2 user error)."""
-    from export import ExportMismatch, export
+def report_folders(request: ExportRequest) -> list[Path]:
+    """The evaluation folders whose reports the export reads (``--eval-json``'s, else RUN/eval)."""
+    given = [request.eval_json] if isinstance(request.eval_json, str) else list(request.eval_json or [])
+    return [Path(p).parent for p in given] or [default_out_dir(request.source, "eval")]
 
+
+def run_export(request: ExportRequest) -> int:
+    """Export ``request`` and print the outcome; returns the exit code (0, 1 mismatch, 2 user error).
+
+    The evaluations it reads are held as a reader: an evaluation writing there refuses to start, and an
+    export is refused while one is writing."""
     try:
-        with warnings.catch_warnings():  # e.g. "no averaged weights": one note line, not a warning with its source
-            warnings.showwarning = _note
+        with run_folder.reading(report_folders(request), "export"), warnings.catch_warnings():
+            warnings.showwarning = _note  # e.g. "no averaged weights": one note line, not a warning with its source
             result = export(request)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -149,16 +169,20 @@ def run_export(request) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, export, print; ``UserError`` is one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        request = request_from_args(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return UserError.exit_code
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    return run_export(request)
+    with process.stop_signals():
+        try:
+            request = request_from_args(build_parser().parse_args(argv))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return UserError.exit_code
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        try:
+            return run_export(request)
+        except KeyboardInterrupt as e:
+            print("interrupted: the export is incomplete; run it again", file=sys.stderr)
+            return 128 + getattr(e, "signum", 2)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process.script_end(main()))

@@ -59,10 +59,10 @@ def key_flag(key: str) -> str:
 
 def _resume_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
     """``--resume RUN`` plus the given arguments a resume may carry over (device, workers, data paths...)."""
-    import train_at
+    from training.command import RESUME_OVERRIDABLE
 
     argv = ["--resume", str(run_dir)]
-    for key in sorted(train_at.RESUME_OVERRIDABLE):
+    for key in sorted(RESUME_OVERRIDABLE):
         value = getattr(args, f"cfg_{key}", None)
         if value is not None:
             argv += [key_flag(key), str(value)]
@@ -78,7 +78,7 @@ def parse_train(argv: list[str]):
     The notes the resolution prints (e.g. old key names read under new ones) are printed once per
     submission, not once per run of a sweep.
     """
-    import train_at
+    from training.command import request_from_args
 
     args = train_parser().parse_args(argv)
     if args.print_config or args.print_schedule:
@@ -86,20 +86,20 @@ def parse_train(argv: list[str]):
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            cfg, run_dir, resuming = train_at.resolve(args)
+            request = request_from_args(args)
     finally:
         for line in said.getvalue().splitlines():
             if line not in _NOTES_SHOWN:
                 _NOTES_SHOWN.add(line)
                 print(line, file=sys.stderr)
-    return args, cfg, run_dir, resuming
+    return args, request.cfg, request.run_dir, request.resuming
 
 
 def finished_epoch(run_dir: Path, epochs: int) -> Optional[int]:
     """The last epoch when the run in ``run_dir`` is finished, else None."""
-    import train_at
+    from checkpoints.run_folder import finished_epoch as finished
 
-    return train_at.finished_epoch(run_dir, epochs)[0]
+    return finished(run_dir, epochs)[0]
 
 
 def train_job(argv: list[str], max_requeues: int, *, resume_first: bool = False) -> tuple[Planned, Optional[int]]:
@@ -107,7 +107,7 @@ def train_job(argv: list[str], max_requeues: int, *, resume_first: bool = False)
 
     ``resume_first``: the first allocation resumes too (a resubmitted sweep run with checkpoints).
     """
-    import train_at
+    from checkpoints.run_folder import check_new_run
 
     args, cfg, run_dir, resuming = parse_train(argv)
     if resuming:
@@ -115,7 +115,7 @@ def train_job(argv: list[str], max_requeues: int, *, resume_first: bool = False)
         if done is not None:
             return Planned(CommandJob("train", argv, argv, str(run_dir)), run_dir, ""), done
     elif not resume_first:
-        train_at.check_run_dir(run_dir, args.overwrite)
+        check_new_run(run_dir, args.overwrite)
     resume = _resume_argv(args, run_dir)
     job = CommandJob("train", resume if resume_first else list(argv), resume, str(run_dir), max_requeues,
                      checkpoints=str(run_dir / "checkpoints"))
@@ -129,14 +129,12 @@ def eval_job(argv: list[str], max_requeues: int, *, source_may_wait: bool = Fals
     """
     import eval_autoattack
 
-    args = eval_autoattack.build_parser().parse_args(argv)
-    args.argv = argv
-    eval_autoattack._validate(args, radii_may_wait=eval_autoattack._chosen_norms(args) is None)
-    if args.source and not source_may_wait and not Path(args.source).exists():
-        raise UserError(f"{args.source}: no such run folder or checkpoint to evaluate")
-    out = eval_autoattack._default_out(args)
-    resume = list(argv) + ([] if args.resume else ["--resume"])
-    source = Path(args.source) if args.source else None
+    cfg = eval_autoattack.config_from_args(eval_autoattack.build_parser().parse_args(argv)).validate()
+    if cfg.source and not source_may_wait and not Path(cfg.source).exists():
+        raise UserError(f"{cfg.source}: no such run folder or checkpoint to evaluate")
+    out = cfg.out_dir()
+    resume = list(argv) + ([] if cfg.resume else ["--resume"])
+    source = Path(cfg.source) if cfg.source else None
     run_dir = source if source is not None and (source.is_dir() or source_may_wait) else out
     job = CommandJob("eval", list(argv), resume, str(out), max_requeues)
     return Planned(job, run_dir, f"eval:{run_dir.name or out.name}"), out

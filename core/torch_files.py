@@ -109,6 +109,9 @@ def _head(path: Path) -> bytes:
 def _refusal(path: Path, error: BaseException, torch_detail: Optional[str]) -> UserError:
     """Why ``path`` did not load: it asks for objects (``UnsafeCheckpoint``), or it is empty, not a
     PyTorch file at all, or truncated/damaged (``CheckpointUnreadable``)."""
+    if isinstance(error, OSError) and error.errno is not None:  # not the file's bytes: opening or reading it failed
+        return CheckpointUnreadable(f"cannot read {path}: {error.strerror or error} (check the file's permissions "
+                                    "and the disk)")
     head = _head(path)
     is_torch_file = head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC
     if is_torch_file:

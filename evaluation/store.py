@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ import torch
 
 from core.files import atomic_write_text
 from core.threat import eps_str
-from core.torch_files import load_checkpoint, save_checkpoint
+from core.torch_files import CheckpointUnreadable, UnsafeCheckpoint, load_checkpoint, save_checkpoint
 from errors import UserError
 
 MANIFEST = "suite.json"
@@ -78,17 +79,31 @@ class ResultStore:
     def state_path(self, attack: str, eps: float, key: str, chunk: Optional[int] = None) -> Path:
         """Where an attack that can resume mid-way (AutoAttack) keeps its state for this (eps, attack, chunk)."""
         path = self._path(attack, eps, key, ".aa_state.pt", chunk)
-        if not self.resume and path.exists():
-            path.unlink()  # a fresh run must not continue an older, possibly unfinished one
+        if path.exists() and (not self.resume or self._read(path) is None):
+            path.unlink()  # a fresh run must not continue an older, possibly unfinished one; nor a damaged one
         return path
 
     def load(self, attack: str, eps: float, key: str, chunk: Optional[int] = None) -> Optional[dict[str, Any]]:
-        """The saved result for ``key`` when resuming and present, else None."""
+        """The saved result for ``key`` when resuming and present, else None (also for a damaged file, which
+        is then computed again)."""
         path = self.result_path(attack, eps, key, chunk)
         if not self.resume or not path.is_file():
             return None
-        state = load_checkpoint(path)
-        return state if state.get("key") == key else None
+        state = self._read(path)
+        return state if state is not None and state.get("key") == key else None
+
+    @staticmethod
+    def _read(path: Path) -> Optional[dict[str, Any]]:
+        """A cached file's contents; None with a note when it is damaged (cut short, random bytes, foreign)."""
+        try:
+            state = load_checkpoint(path)
+        except (CheckpointUnreadable, UnsafeCheckpoint) as e:
+            print(f"note: {e}; its results are computed again", file=sys.stderr)
+            return None
+        if not isinstance(state, dict):
+            print(f"note: {path} is not a cached result; its results are computed again", file=sys.stderr)
+            return None
+        return state
 
     def save(self, attack: str, eps: float, key: str, robust: torch.Tensor, chunk: Optional[int] = None,
              **extra: Any) -> Path:

@@ -31,6 +31,7 @@ import torch.nn as nn
 from checkpoints.run import default_out_dir
 from core.device import module_device, resolve_device
 from core.files import atomic_write_text
+from core.flags import check_count
 from core.provenance import now_iso
 from core.threat import eps_text, parse_eps
 from errors import UserError
@@ -93,6 +94,8 @@ class ExportResult:
     maintainer_check: dict[str, Any] = field(default_factory=dict)  # robustbench.utils.load_model, per board
 
 
+MODEL_NAME_LIMIT = 100  # file names get suffixes; RobustBench's own names are under 60 characters
+VERIFY_LIMIT = 4096  # random inputs of the logit check, held in memory at once
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
@@ -234,13 +237,18 @@ def _check_request(req: ExportRequest) -> None:
         raise UserError(f"--norm {req.norm!r} is not one of RobustBench's boards: {', '.join(THREAT_MODELS)}")
     if req.norm == CORRUPTIONS_BOARD and req.eps is not None:
         raise UserError("--eps has no meaning for the corruptions board: drop it")
-    if req.model_name is not None and (not req.model_name or set(req.model_name) - _NAME_CHARS):
-        raise UserError(f"--model-name {req.model_name!r} may only use letters, digits, '_', '-' and '.' "
-                        "(RobustBench names look like Author2024Title_WRN-34-10)")
-    for flag, value in (("--claim-n", req.claim_n), ("--batch-size", req.batch_size), ("--verify-n", req.verify_n),
-                        ("--forward-passes", req.card.number_forward_passes)):
+    name = req.model_name
+    if name is not None and (not name or set(name) - _NAME_CHARS or not name[0].isalnum()
+                             or len(name) > MODEL_NAME_LIMIT):
+        raise UserError(f"--model-name {name[:40]!r}{'...' if len(name) > 40 else ''} must start with a letter "
+                        f"or digit, use only letters, digits, '_', '-' and '.', and have at most {MODEL_NAME_LIMIT} "
+                        "characters (RobustBench names look like Author2024Title_WRN-34-10)")
+    for flag, value, limit in (("--claim-n", req.claim_n, 10**7), ("--batch-size", req.batch_size, 1 << 20),
+                               ("--verify-n", req.verify_n, VERIFY_LIMIT),
+                               ("--forward-passes", req.card.number_forward_passes, 10**6)):
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
+        check_count(flag, value, limit)
     if req.card.reported is not None and not 0 <= req.card.reported <= 100:
         raise UserError(f"--reported is a percentage in [0, 100], got {req.card.reported}")
 

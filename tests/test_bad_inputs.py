@@ -167,6 +167,46 @@ def _bad_run_config(p: Paths) -> None:
     (p.run / "config.yaml").write_text("arch: [small-cnn\nepochs: 3\n")
 
 
+BINARY = bytes(range(128, 256)) * 8  # no UTF-8 text
+HELD: list[int] = []  # lock descriptors a case's setup holds; closed after each test
+HOLDER_PID = 4242  # the PID a held lock file names
+
+
+def _held_lock(folder: Callable[[Paths], Path], shared: bool = False) -> Callable[[Paths], None]:
+    """Hold ``folder/.lock`` from another open file, as a running trainer or evaluation (or an export) would."""
+    def setup(p: Paths) -> None:
+        import fcntl
+
+        target = folder(p)
+        target.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        HELD.append(fd)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        if not shared:
+            os.write(fd, f"{HOLDER_PID}\n".encode())
+    return setup
+
+
+def _lock_link(folder: Callable[[Paths], Path]) -> Callable[[Paths], None]:
+    """``folder/.lock`` planted as a link to a file outside (which must stay untouched)."""
+    def setup(p: Paths) -> None:
+        (p.tmp / "victim.txt").write_text("precious\n")
+        folder(p).mkdir(parents=True, exist_ok=True)
+        (folder(p) / ".lock").symlink_to(p.tmp / "victim.txt")
+    return setup
+
+
+def _run_config(data: bytes) -> Callable[[Paths], None]:
+    return lambda p: (p.run / "config.yaml").write_bytes(data)
+
+
+def _eval_config(text: str) -> Callable[[Paths], None]:
+    def setup(p: Paths) -> None:
+        (p.run / "eval").mkdir()
+        (p.run / "eval" / "config.yaml").write_text(text)
+    return setup
+
+
 # --------------------------------------------------------------------------------------- the table
 TRAIN_CASES = [
     Case("unknown preset", "train", lambda p: ["--preset", "quickstart-xl", "--out", str(p.new)], "quickstart-xl"),
@@ -242,6 +282,41 @@ TRAIN_CASES = [
     Case("generated shard fails its digest", "train",
          lambda p: p.out("--generated", str(p.tmp / "gen"), "--verify-generated", "--no-progress"),
          lambda p: f"{p.tmp / 'gen' / 'images_00000.npy'} does not match its SHA-256", setup=_generated_flipped_pixel),
+    # issue 22: inputs that ended in a traceback, were silently ignored or got a wrong message
+    Case("seed beyond the limit", "train", lambda p: p.out("--seed", "99999999999999999999999"),
+         "--seed 99999999999999999999999 is above the limit of 4,294,967,295"),
+    Case("epochs beyond the limit", "train", lambda p: p.out("--epochs", "10000000"), "above the limit of 100,000"),
+    Case("config of binary bytes", "train", lambda p: p.out("--config", str(p.tmp / "c.yaml")),
+         lambda p: f"config {p.tmp / 'c.yaml'} is not a text file", setup=_file("c.yaml", BINARY)),
+    Case("config with a number as key", "train", lambda p: p.out("--config", str(p.tmp / "c.yaml")),
+         "config key 3 is not a name", setup=_write("c.yaml", "3: 4\n")),
+    Case("config with a null key", "train", lambda p: p.out("--config", str(p.tmp / "c.yaml")),
+         "config key None is not a name", setup=_write("c.yaml", "epochs: 1\nnull: x\n")),
+    Case("resume a folder with a random-bytes config", "train", lambda p: ["--resume", str(p.run)],
+         lambda p: f"config {p.run / 'config.yaml'} is not a text file", setup=_run_config(BINARY)),
+    Case("resume a folder with an empty config", "train", lambda p: ["--resume", str(p.run)],
+         lambda p: f"{p.run / 'config.yaml'} is empty", setup=_run_config(b"")),
+    Case("resume with overwrite", "train", lambda p: ["--resume", str(p.run), "--overwrite"],
+         "--overwrite deletes it"),
+    Case("resume into another folder", "train", lambda p: ["--resume", str(p.run), "--out", str(p.new)],
+         lambda p: f"drop --out {p.new}"),
+    Case("out in /proc", "train", lambda p: [*NEW, "--out", "/proc/1/nope"],
+         "cannot write to run folder /proc/1/nope: /proc/1 is a virtual file system"),
+    Case("out of a running run", "train", lambda p: [*NEW, "--out", str(p.run)],
+         f"is in use by another training run (process {HOLDER_PID} holds", setup=_held_lock(lambda p: p.run)),
+    Case("overwrite a running run", "train", lambda p: [*NEW, "--out", str(p.run), "--overwrite"],
+         f"is in use by another training run (process {HOLDER_PID} holds", setup=_held_lock(lambda p: p.run)),
+    Case("overwrite while the run is evaluated", "train", lambda p: [*NEW, "--out", str(p.run), "--overwrite"],
+         lambda p: f"--overwrite {p.run}: {p.run / 'eval'} is in use by an evaluation or export of this run "
+                   f"(process {HOLDER_PID} holds", setup=_held_lock(lambda p: p.run / "eval")),
+    Case("overwrite while another evaluation folder of the run is in use", "train",
+         lambda p: [*NEW, "--out", str(p.run), "--overwrite"], lambda p: f"{p.run / 'eval-l2'} is in use",
+         setup=_held_lock(lambda p: p.run / "eval-l2")),
+    Case("overwrite while an export reads the run's evaluation", "train",
+         lambda p: [*NEW, "--out", str(p.run), "--overwrite"], lambda p: f"{p.run / 'eval'} is in use",
+         setup=_held_lock(lambda p: p.run / "eval", shared=True)),
+    Case("resume through a planted lock link", "train", lambda p: ["--resume", str(p.run)],
+         lambda p: f"{p.run / '.lock'} is a symbolic link, not a lock file", setup=_lock_link(lambda p: p.run)),
 ]
 
 EVAL_CASES = [
@@ -300,6 +375,38 @@ EVAL_CASES = [
          "was made with --chunk-size 4", setup=_saved_eval([8 / 255], 4)),
     Case("eval: resume with other eps", "eval", lambda p: [str(p.run), "--resume", "--eps", "8", "--chunk-size", "4"],
          "made for --eps 8/255 16/255", setup=_saved_eval([8 / 255, 16 / 255], 4)),
+    # issue 22
+    Case("eval: attack steps beyond the limit", "eval", lambda p: [str(p.run), "--attacks", "pgd99999999999"],
+         "--attacks pgd99999999999: 99999999999 steps is above the limit of 10,000"),
+    Case("eval: seed beyond the limit", "eval", lambda p: [str(p.run), "--seed", "99999999999999999999999"],
+         "--seed 99999999999999999999999 is above the limit"),
+    Case("eval: n-ex beyond the limit", "eval", lambda p: [str(p.run), "--n-ex", "10000000000000"],
+         "--n-ex 10000000000000 is above the limit"),
+    Case("eval: batch beyond the limit", "eval", lambda p: [str(p.run), "--batch-size", "1000000000000"],
+         "--batch-size 1000000000000 is above the limit"),
+    Case("eval: into a folder another evaluation writes", "eval", lambda p: [str(p.run), "--attacks", "clean"],
+         f"is in use by another evaluation or an export reading it (process {HOLDER_PID} holds",
+         setup=_held_lock(lambda p: p.run / "eval")),
+    Case("eval: into a folder an export reads", "eval", lambda p: [str(p.run), "--attacks", "clean"],
+         "is in use by another evaluation or an export reading it (another process holds",
+         setup=_held_lock(lambda p: p.run / "eval", shared=True)),
+    Case("eval: through a planted lock link", "eval", lambda p: [str(p.run), "--attacks", "clean"],
+         lambda p: f"{p.run / 'eval' / '.lock'} is a symbolic link", setup=_lock_link(lambda p: p.run / "eval")),
+    Case("eval: resume with a broken saved config", "eval", lambda p: [str(p.run), "--resume"],
+         lambda p: f"cannot read {p.run / 'eval' / 'config.yaml'}", setup=_eval_config("attacks: [aa\n")),
+    Case("eval: resume with a saved config of unknown keys", "eval", lambda p: [str(p.run), "--resume"],
+         "unknown evaluation config key(s) epochs", setup=_eval_config("epochs: 3\n")),
+    Case("export: model name ..", "export", lambda p: [str(p.run), "--model-name", ".."],
+         "--model-name '..' must start"),
+    Case("export: model name .", "export", lambda p: [str(p.run), "--model-name", "."], "--model-name '.' must start"),
+    Case("export: model name ...", "export", lambda p: [str(p.run), "--model-name", "..."], "--model-name '...'"),
+    Case("export: model name of 300 characters", "export", lambda p: [str(p.run), "--model-name", "A" * 300],
+         "at most 100 characters"),
+    Case("export: verify-n beyond the limit", "export", lambda p: [str(p.run), "--verify-n", "1000000000"],
+         "--verify-n 1000000000 is above the limit of 4,096"),
+    Case("export: while an evaluation writes the report", "export", lambda p: [str(p.run), "--allow-unevaluated"],
+         lambda p: f"{p.run / 'eval'} is being written by an evaluation (process {HOLDER_PID} holds",
+         setup=_held_lock(lambda p: p.run / "eval")),
 ]
 
 MAINS = {"train": train_at.main, "eval": eval_autoattack.main, "export": export_robustbench.main}
@@ -325,7 +432,9 @@ def paths(run_template, tmp_path) -> Paths:
     import shutil
 
     run = Path(shutil.copytree(run_template, tmp_path / "run"))
-    return Paths(tmp=tmp_path, run=run, new=tmp_path / "new-run", marker=tmp_path / "code_ran")
+    yield Paths(tmp=tmp_path, run=run, new=tmp_path / "new-run", marker=tmp_path / "code_ran")
+    while HELD:
+        os.close(HELD.pop())
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -363,7 +472,7 @@ def test_bad_invocation_exits_2_with_one_line_and_changes_nothing(case, paths, m
 
 
 def test_the_table_is_big_enough():
-    assert len(TRAIN_CASES) >= 25 and len(EVAL_CASES) >= 10
+    assert len(TRAIN_CASES) >= 60 and len(EVAL_CASES) >= 50
     assert len({c.id for c in TRAIN_CASES + EVAL_CASES}) == len(TRAIN_CASES) + len(EVAL_CASES)
 
 
@@ -378,10 +487,16 @@ def test_cuda_without_a_gpu_is_one_line(paths, monkeypatch, capsys):
 
 
 def test_unwritable_run_folder_is_found_before_training(paths, monkeypatch, capsys):
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    from checkpoints import run_folder
 
-    monkeypatch.setattr(train_at, "open", denied, raising=False)  # root ignores chmod, so fake the refusal
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if run_folder.PROBE_PREFIX in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder.os, "open", denied)  # root ignores chmod, so fake the refusal
     monkeypatch.setattr(Trainer, "fit", _never)
     before = _tree(paths.tmp)
     assert train_at.main(["--resume", str(paths.run)]) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import eval_autoattack
 from checkpoints.io import save_checkpoint
@@ -53,8 +54,14 @@ def test_run_folder_end_to_end_then_resume(run_dir, capsys):
     assert table.loc["16/255", "Worst"] <= table.loc["16/255", "PGD-5"] <= table.loc["8/255", "PGD-5"]
     assert table.loc["16/255", "Worst"] < table.loc["16/255", "Clean"]
     assert (run_dir / "eval" / "robust_vs_eps.png").is_file()
+    saved = yaml.safe_load((run_dir / "eval" / "config.yaml").read_text())  # resolved: the run's norm and data
+    assert (saved["eps"], saved["norm"], saved["attacks"], saved["n_ex"]) == (["8", "16/255"], ["Linf"],
+                                                                             ["pgd5", "cw5"], 48)
+    assert (saved["dataset"], saved["data_dir"], saved["batch_size"]) == ("digits", "./datasets", 48)
+    assert eval_autoattack.main([str(run_dir), *FAST, "--print-config"]) == 0
+    assert capsys.readouterr().out == (run_dir / "eval" / "config.yaml").read_text()
 
-    assert eval_autoattack.main([str(run_dir), *FAST, "--resume"]) == 0
+    assert eval_autoattack.main([str(run_dir), "--resume", "--quiet"]) == 0  # the saved settings, read back
     again = json.loads((run_dir / "eval" / "report.json").read_text())
     assert all(row["resumed"] for row in again["results"] if row["attack"] != "worst")
     assert [r["robust_count"] for r in again["results"]] == [r["robust_count"] for r in report["results"]]

@@ -84,7 +84,8 @@ def test_a_running_run_refuses_resume_and_a_second_trainer_and_a_sigkill_frees_i
         line = _one_error(capsys)
         assert f"process {proc.pid}" in line and "still going" in line, line
         assert train_at.main(TINY + ["--epochs", "1", "--out", str(run)]) == 2
-        assert "already holds a run" in _one_error(capsys)  # its checkpoints are there
+        line = _one_error(capsys)  # the running PID, not "continue it with --resume"
+        assert f"process {proc.pid}" in line and "in use by another training run" in line, line
         # --overwrite passes that check and would delete the running run's files: the lock stops it
         assert train_at.main(TINY + ["--epochs", "1", "--out", str(run), "--overwrite"]) == 2
         line = _one_error(capsys)
@@ -176,3 +177,126 @@ def test_the_lock_is_per_folder_and_released_on_errors(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]  # lock files removed with the locks
     with folder_lock(a, str):  # and free again
         pass
+
+
+# ------------------------------------------------------------------------------------------- issue 22
+def test_overwrite_waits_for_the_evaluation_and_no_report_is_written_for_a_replaced_checkpoint(tmp_path, capsys):
+    run, log = tmp_path / "run", tmp_path / "child.log"
+    last = _small_checkpoint(run / "checkpoints" / "last.pt")
+    proc = _start("eval_autoattack.py", [str(run), "--attacks", "clean", "pgd20", "--eps", "8", "--n-ex", "64",
+                                         "--chunk-size", "16", "--quiet"], log)
+    try:
+        _wait_until_locked(proc, run / "eval", log)
+        proc.send_signal(signal.SIGSTOP)
+        before = _tree(run)
+        assert train_at.main(TINY + ["--epochs", "1", "--out", str(run), "--overwrite"]) == 2
+        line = _one_error(capsys)
+        assert line.startswith(f"error: --overwrite {run}:") and f"process {proc.pid}" in line, line
+        assert _tree(run) == before  # nothing removed under the evaluation
+        save_checkpoint(load_checkpoint(last), last)  # a newer last.pt, as a running trainer saves every epoch
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=WAIT_S) == 2, log.read_text()[-2000:]
+    finally:
+        _stop_and_kill(proc)
+    err = [ln for ln in log.read_text().splitlines() if ln.strip() and not ln.startswith("note: ")]
+    assert len(err) == 1 and err[0].startswith(f"error: {last} changed while it was evaluated"), err
+    assert not (run / "eval" / "report.json").exists() and not (run / "eval" / LOCK_NAME).exists()
+    assert len(list((run / "eval" / "cache").glob("pgd20_*_c0000[0-3]_*.pt"))) == 4  # the finished chunks are kept
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that never comes, in some containers, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 30  # liveness bound: they end within milliseconds; orphans would run for minutes
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"orphans still running: {[p for p in pids if _alive(p)]}"
+        time.sleep(0.05)
+
+
+def test_killing_a_torchrun_job_leaves_no_worker_running_and_it_resumes_at_once(tmp_path, capsys):
+    model, out, log = _small_checkpoint(tmp_path / "model.pt"), tmp_path / "eval", tmp_path / "torchrun.log"
+    # minutes of work per process (PGD-10000 on 180 points), so that orphans would still be running
+    argv = [str(model), "--attacks", "clean", "pgd10000", "--eps", "8", "--n-ex", "360", "--chunk-size", "180",
+            "--out", str(out), "--quiet"]
+    with open(log, "wb") as f:  # a job in a process group of its own, as a shell or a scheduler starts it
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                     "2", str(ROOT / "eval_autoattack.py"), *argv], cwd=tmp_path, env=_env(),
+                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
+    try:
+        _wait_until_written(launcher, out / "cache" / "suite.json", log)  # every process is attacking now
+        workers = _children(launcher.pid)
+        assert len(workers) == 2, workers
+        os.killpg(launcher.pid, signal.SIGKILL)  # kill -9 -- -PGID: the workers are in sessions of their own
+        launcher.wait()
+        _wait_gone(workers)
+    finally:
+        workers += _children(launcher.pid) if launcher.poll() is None else []
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert eval_autoattack.main([str(model), "--out", str(out), "--resume", "--attacks", "clean", "--quiet"]) == 0
+    assert "clean" in capsys.readouterr().out and (out / "report.json").is_file()
+
+
+def _wait_until_written(proc: subprocess.Popen, path: Path, log: Path) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not path.is_file():
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"{path} was not written in time"
+        time.sleep(0.01)
+
+
+ARMED_CHILD = """
+import sys, time
+from core import process
+print("started", flush=True)
+time.sleep(float(sys.argv[1]))  # the parent may die here, before the signal is armed
+assert process.exit_with_parent()
+print("armed", flush=True)
+time.sleep(600)
+"""
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("arm_after", [0, 1], ids=["parent-dies-after-arming", "parent-died-before-arming"])
+def test_the_parent_death_signal_ends_a_worker_whose_launcher_died(arm_after):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, ARMED_CHILD, str(arm_after)], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert parent.stdout.readline().strip() == "started"
+        if not arm_after:
+            assert parent.stdout.readline().strip() == "armed"
+        parent.kill()  # as kill -9 of a torchrun launcher
+        parent.wait()
+        _wait_gone([child])
+    finally:
+        _stop_and_kill(parent)
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -274,7 +274,7 @@ def test_a_run_saved_before_drop_last_existed_resumes_dropping_its_last_batch(tm
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").touch()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    cfg, _, resuming = train_at.resolve(train_at.get_args_parser().parse_args(["--resume", str(tmp_path)]))
-    assert resuming and cfg.drop_last  # as the run was trained (its step counts stay valid)
+    request = train_at.request_from_args(train_at.get_args_parser().parse_args(["--resume", str(tmp_path)]))
+    assert request.resuming and request.cfg.drop_last  # as the run was trained (its step counts stay valid)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**old, "drop_last": False}))
-    assert not train_at.resolve(train_at.get_args_parser().parse_args(["--resume", str(tmp_path)]))[0].drop_last
+    assert not train_at.request_from_args(train_at.get_args_parser().parse_args(["--resume", str(tmp_path)])).cfg.drop_last

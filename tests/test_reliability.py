@@ -490,3 +490,131 @@ def test_resume_from_a_checkpoint_that_would_run_code_exits_2(finished_run, tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "refusing to load" in err, err
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------- issue 22
+def _digits_checkpoint(path: Path) -> Path:
+    """A project checkpoint of an untrained small-cnn on digits (enough to evaluate)."""
+    from test_one_writer import _small_checkpoint
+
+    return _small_checkpoint(path)
+
+
+def test_a_lock_file_that_is_a_link_a_fifo_or_a_hard_link_is_refused_and_nothing_is_written_through_it(tmp_path):
+    from core.files import LOCK_NAME, folder_lock
+    from errors import UserError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    plants = {"link": lambda p: p.symlink_to(victim), "fifo": os.mkfifo, "hard link": lambda p: os.link(victim, p)}
+    for name, plant in plants.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        plant(folder / LOCK_NAME)
+        for shared in (False, True):
+            with pytest.raises(UserError) as e:
+                with folder_lock(folder, str, shared=shared):
+                    pytest.fail("locked through a planted file")
+            assert "\n" not in str(e.value) and f"{folder / LOCK_NAME} is " in str(e.value), str(e.value)
+        assert victim.read_text() == "precious\n", name
+        assert os.path.lexists(folder / LOCK_NAME)  # left for the user to look at, as the message says
+
+
+def test_a_full_disk_at_the_evaluation_lock_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch, capsys):
+    import core.files
+    import eval_autoattack
+
+    model, out = _digits_checkpoint(tmp_path / "model.pt"), tmp_path / "eval"
+    argv = [str(model), "--attacks", "clean", "--n-ex", "8", "--out", str(out), "--quiet"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(core.files.os, "pwrite", no_space)  # the lock file's PID: the first bytes it writes
+    assert eval_autoattack.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write the lock file {out / '.lock'}: No space left on device (free some space or " \
+                  "fix the folder's permissions, or choose another --out)", err
+    assert sorted(p.name for p in out.iterdir()) == []  # no stale lock, no probe
+    monkeypatch.undo()
+    import checkpoints.run_folder as run_folder
+
+    monkeypatch.setattr(run_folder.os, "write", no_space)  # the write probe before it
+    assert eval_autoattack.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot write to output folder {out}: No space left on device" in err, err
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_overwrite_removes_a_linked_eval_folder_but_not_what_it_points_to(tmp_path):
+    from checkpoints.run_folder import clear_previous_run
+
+    run, elsewhere = tmp_path / "run", tmp_path / "scratch" / "eval"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"old")
+    (run / "log.csv").write_text("epoch\n1\n")
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "report.md").write_text("old model\n")
+    (run / "eval").symlink_to(elsewhere, target_is_directory=True)
+    assert len(clear_previous_run(run)) == 3
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["report.md"]  # the link's target is not the run's
+
+
+def test_a_damaged_cached_chunk_is_computed_again_on_resume_with_a_note(tmp_path, capsys):
+    import eval_autoattack
+
+    model, out = _digits_checkpoint(tmp_path / "model.pt"), tmp_path / "eval"
+    argv = [str(model), "--attacks", "pgd3", "aa:apgd-ce", "--eps", "8", "--n-ex", "16", "--chunk-size", "8",
+            "--out", str(out), "--quiet"]
+    assert eval_autoattack.main(argv) == 0
+    first = (out / "per_sample.csv").read_bytes()
+    chunks = sorted((out / "cache").glob("pgd3_*_c00001_*.pt"))
+    assert len(chunks) == 1
+    chunks[0].write_bytes(chunks[0].read_bytes()[:100])  # cut short, as a full disk or a bad copy leaves it
+    capsys.readouterr()
+    assert eval_autoattack.main(argv + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: cannot read checkpoint {chunks[0]}" in err and "its results are computed again" in err, err
+    assert (out / "per_sample.csv").read_bytes() == first
+    assert load_checkpoint(chunks[0])["robust"].numel() == 8  # rewritten whole
+
+
+def test_an_unreadable_checkpoint_is_not_called_empty(tmp_path, monkeypatch):
+    path = save_checkpoint({"w": torch.ones(1)}, tmp_path / "last.pt")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(torch, "load", denied)  # root reads any file, so the refusal is faked
+    with pytest.raises(CheckpointUnreadable) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(f"cannot read {path}: Permission denied") and "empty" not in str(e.value)
+
+
+def _handles_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has a handler for SIGTERM (the scripts install one before their slow imports)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_a_second_sigint_50_ms_after_the_first_still_ends_in_one_line(when, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "child.log"
+    with _child(TINY + ["--epochs", "2", "--checkpoint-every-steps", "1", "--out", str(run)], log) as proc:
+        deadline = time.monotonic() + WAIT_S
+        while not _handles_sigterm(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.005)
+        if when == "training":
+            _wait_for_save(proc, _last(run), None, log)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=WAIT_S) == 128 + signal.SIGINT, log.read_text()[-2000:]
+    lines = [ln for ln in log.read_text().splitlines() if ln.strip() and not ln.startswith(("epoch", "signal 2:"))]
+    expected = "interrupted before training started" if when == "starting" else "stopped "
+    assert len(lines) == 1 and lines[0].startswith(expected), lines

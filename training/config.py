@@ -21,6 +21,7 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 import yaml
 
 from core.files import atomic_write_text
+from core.flags import SEED_LIMIT, STEPS_LIMIT, check_count
 from core.threat import NORMS, eps_text, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
 from core.tracking import TRACKERS
 from errors import UserError
@@ -38,6 +39,12 @@ AMP_MODES = ("auto", "bf16", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AWP_PROXY_VIEWS = ("split", "joint")
 GENERATED_EPOCHS = ("real-pass", "dataset-size")
+# Upper bounds of the counts: far beyond any real run, they stop a typo from running for ever or overflowing.
+COUNT_LIMITS = {"seed": SEED_LIMIT, "epochs": 100_000, "batch_size": 1 << 20, "attack_steps": STEPS_LIMIT,
+                "eval_pgd_steps": STEPS_LIMIT, "workers": 1024, "ghost_bn": 1 << 20, "val_size": 1 << 31,
+                "eval_subset": 1 << 31, "checkpoint_every_steps": 1 << 40, "keep_checkpoints": 100_000,
+                "warmup_epochs": 100_000, "awp_warmup": 100_000, "avg_start_epoch": 100_000,
+                "step_ema_warmup": 1 << 40}
 
 
 @dataclass(init=False)
@@ -200,6 +207,8 @@ class TrainConfig:
                 raise UserError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+        for name, limit in COUNT_LIMITS.items():
+            check_count(f"--{_flag(name)}", getattr(self, name), limit)
 
     def ghost_bn_splits(self, world_size: int = 1) -> int:
         """BatchNorm calls per training forward of one process with ``ghost_bn`` (1: plain BatchNorm).
@@ -235,6 +244,10 @@ class TrainConfig:
         """The config of a mapping of keys (old keys read as their new names; values coerced)."""
         if not isinstance(d, dict):
             raise UserError(f"a config must be a mapping of keys to values, got {type(d).__name__} {d!r:.80}")
+        odd = [k for k in d if not isinstance(k, str)]
+        if odd:
+            raise UserError(f"config key {odd[0]!r} is not a name: config keys are names like epochs or alpha; "
+                            "see --print-config for the keys")
         d, _ = upgrade_keys(d, str(d.get("loss", cls.loss)))
         unknown = sorted(set(d) - set(config_keys()))
         if unknown:
@@ -297,6 +310,8 @@ def _coerce(name: str, tp: Any, value: Any, norm: str = "Linf") -> Any:
         if isinstance(value, (bool, list, dict)):  # YAML can hold these where a number or a name belongs
             raise TypeError
         if tp is int:
+            if isinstance(value, int) or str(value).strip().lstrip("+-").isdigit():
+                return int(value)  # exactly, however large (a float would round it)
             f = float(value)
             if f != int(f):
                 raise ValueError

@@ -30,6 +30,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except OSError as e:
         raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config {path} is not a text file (binary bytes where YAML was expected): pass a YAML "
+                        "file of config keys") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

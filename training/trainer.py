@@ -25,6 +25,7 @@ from checkpoints.io import (
     write_failure,
 )
 from core import distributed as dist_utils
+from core import process
 from core.device import resolve_device
 from core.files import atomic_copy
 from core.provenance import code_version
@@ -272,6 +273,7 @@ class Trainer:
         if self._stop_signal is not None:  # second signal: stop now
             raise KeyboardInterrupt(f"signal {signum}")
         self._stop_signal = signum
+        process.stopping()  # once fit() has put the caller's handlers back, further signals are ignored
         tqdm.write(f"signal {signum}: saving a checkpoint at the end of this step, then stopping")
 
     # ----------------------------------------------------------------------------- state
