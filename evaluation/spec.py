@@ -130,7 +130,7 @@ register(EvalAttack("cw", "cwK (PGD-K on the CW margin)", _iterative_parser("cw"
                     "iterative", lambda s: True, runners.run_iterative))
 register(EvalAttack("aa", "aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t,...", _parse_autoattack, _aa_label,
                     "autoattack", lambda s: not s.black_box_only, runners.run_autoattack))
-EXAMPLES = "clean, pgd10, pgd20, cw10, cw20, aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t"
+EXAMPLES = "clean, pgd10, pgd20, cw10, cw20, aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t, malt, malt:k=5,testk=20"
 
 
 def parse_attack(name: str) -> AttackSpec:

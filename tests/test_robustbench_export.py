@@ -130,7 +130,7 @@ def test_export_from_run_loads_strictly_with_equal_logits(runs, family, tmp_path
 
     info = json.loads((out / "model_info" / dataset / "Linf" / "Test2024GKL_small.json").read_text())
     assert rbx.validate_model_info(info) == []
-    assert list(info) == [k for k in rbx.MODEL_INFO_FIELDS if k != "footnote"]
+    assert list(info) == [k for k in rbx.MODEL_INFO_FIELDS if k not in ("footnote", "external")]
     expected_arch = "WideResNet-10-1" if family == "wrn" else "WideResNet-16-4"
     assert (info["clean_acc"], info["autoattack_acc"], info["reported"]) == ("70.00", "40.00", "40.00")
     assert (info["eps"], info["dataset"], info["architecture"]) == ("8/255", dataset, expected_arch)
