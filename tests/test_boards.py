@@ -67,7 +67,7 @@ def test_several_norms_in_one_report_and_compare(run_dir, capsys) -> None:  # no
 
 
 def test_resume_adds_a_norm_and_reuses_the_finished_one(run_dir, capsys) -> None:  # noqa: F811
-    # The README: "to add a norm to a finished evaluation, rerun with the longer --norm list and --resume".
+    # docs/EVALUATION.md: "to add a norm to a finished evaluation, rerun with the longer --norm list and --resume".
     common = [str(run_dir), "--attacks", "pgd5", "--n-ex", "24", "--batch-size", "24", "--chunk-size", "12", "--quiet"]
     assert eval_autoattack.main([*common, "--norm", "Linf", "--eps", "8/255"]) == 0
     first = read_report(run_dir / "eval" / "report.json")
