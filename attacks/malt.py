@@ -163,7 +163,7 @@ def malt(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm
         fingerprint = _fingerprint(model, x, y, attack="malt", eps=eps, norm=norm, k=k, testk=testk, n_iter=n_iter,
                                    seed=seed, index=float(index.double().sum()))
         state = _MaltState.resume_or_start(state_path, fingerprint, model, x, y, norm, k, testk, batch_size)
-        for rank in range(state.ranks_done, k):
+        for rank in range(state.ranks_done, k if eps > 0 else 0):  # eps 0: the clean flags
             _attack_rank(model, x, y, state, rank, eps=eps, norm=norm, n_iter=n_iter, index=index,
                          seed=rank_seed(seed, rank), batch_size=batch_size)
             state.ranks_done = rank + 1

@@ -29,7 +29,7 @@ from training.config import TrainConfig, save_config
 ARGS = ["--eps", "16", "--attacks", "aa:apgd-ce", "malt:k=2,iters=10", "--n-ex", "16", "--chunk-size", "6",
         "--batch-size", "4", "--device", "cpu", "--weights", "raw", "--quiet"]
 MALT = "malt:k=2,iters=10"
-KILL_AT = 2  # rank 1 dies as it starts its 2nd target rank: inside its first chunk's MALT
+KILL_AT = 2  # the killed run dies as it starts its 2nd target rank: inside the first chunk's MALT
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...]) -> nn.Module:
@@ -169,11 +169,11 @@ def runs(run_folder):
     two = _start(2, argv("w2"), root / "w2")
     ranks = {"w1": _in_process(argv("w1"))}
     _join(two)
-    killed = _start(2, argv("killed"), root / "killed", kill_rank=1)
+    killed = _start(1, argv("killed"), root / "killed", kill_rank=0)
     with pytest.raises(mp.ProcessExitedException):
         _join(killed)
     assert list((root / "killed" / "cache").glob("malt*_state.pt")), "no MALT state left by the killed run"
-    ranks["resume1"] = _in_process(argv("killed", "--resume"))  # 2-process state, resumed by 1 process
+    ranks["resume1"] = _in_process(argv("killed", "--resume"))
     assert [json.loads(Path(f"{root / 'w2'}-rank{r}.json").read_text())["code"] for r in range(2)] == [0, 0]
     return root, ranks
 
