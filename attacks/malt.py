@@ -45,7 +45,7 @@ class MaltResult:
 
     x_adv: torch.Tensor  # the example that broke a point; the input itself for the others
     robust: torch.Tensor  # bool per point
-    targets: torch.Tensor  # (n, k) target classes, closest estimated boundary first
+    targets: torch.Tensor  # (n, k) target classes, closest estimated boundary first (0s: misclassified at x)
     broken_at: torch.Tensor  # rank (0..k-1) of the target whose attack broke the point; -1: robust or misclassified
 
     def successes_per_rank(self) -> list[int]:
