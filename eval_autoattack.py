@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.corruptions import CORRUPTIONS_ATTACK
     from evaluation.inputs import SPLITS
     from evaluation.sharding import DEFAULT_CHUNK_SIZE
-    from evaluation.spec import EXAMPLES
+    from evaluation.spec import attack_examples
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="run folder, project checkpoint .pt, or plain state dict .pt")
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radii in the norm's notation: Linf 8, 8/255 or 0.0314; L2 0.5; L1 12. With several "
                         "--norm write NORM:RADIUS (Linf:8/255 L2:0.5). Default: RobustBench's 8/255, 0.5 and 12")
     p.add_argument("--attacks", nargs="+", default=["aa"],
-                   help=f"from: {EXAMPLES}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) (default aa)")
+                   help=f"from: {attack_examples()}, and {CORRUPTIONS_ATTACK} (CIFAR-10-C/100-C from --data-dir) "
+                        "(default aa)")
     p.add_argument("--n-ex", type=int, default=None,
                    help="evaluate the first N points (default all); with corruptions: per corruption and severity")
     p.add_argument("--batch-size", type=int, default=256)
@@ -66,12 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--weights", choices=WEIGHTS, default="avg", help="averaged (default) or raw weights")
     p.add_argument("--checkpoint", default="last", help="last (default), best, or epoch_NNNN in a run folder")
-    p.add_argument("--arch", default=None, help="architecture of a plain state dict (e.g. wrn-34-10)")
+    p.add_argument("--arch", default=None, help="architecture of a plain state dict: a registry name (e.g. "
+                   "wrn-34-10) or MODULE:CALLABLE (e.g. my_nets.py:make), a function or class returning the model")
+    p.add_argument("--arch-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of a MODULE:CALLABLE architecture, a JSON object (e.g. '{\"width\": 64}')")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     p.add_argument("--resume", action="store_true", help="reuse finished results and AutoAttack state in --out")
     p.add_argument("--save-adv", action="store_true", help="save adversarial examples under --out/adv")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-attack lines")
+    p.add_argument("--tracker", default="tensorboard", help="where the accuracies also go: tensorboard (OUT/tb, the "
+                   "default), wandb, mlflow or none (evaluation/tracking.py)")
     return p
 
 
@@ -86,6 +92,9 @@ def _validate(args: argparse.Namespace, norms: Optional[Sequence[str]] = None, *
     from evaluation.corruptions import CORRUPTIONS_ATTACK, CorruptionSettings
     from evaluation.results import SuiteSettings
 
+    from core.tracking import require
+
+    require(args.tracker)
     if (args.source is None) == (args.robustbench_model is None):
         raise UserError("pass exactly one model: a SOURCE path or --robustbench-model NAME")
     if args.n_ex is not None and args.n_ex <= 0:
@@ -121,7 +130,7 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]]:
     num_classes = NUM_CLASSES[args.dataset] if args.dataset else None
     with warnings.catch_warnings(record=True):  # the same text comes back in info["notes"], printed once
         return load_model(args.source, weights=args.weights, checkpoint=args.checkpoint, arch=args.arch,
-                          num_classes=num_classes, device=device)
+                          num_classes=num_classes, arch_kwargs=args.arch_kwargs, device=device)
 
 
 def _default_out(args: argparse.Namespace) -> Path:
@@ -146,6 +155,7 @@ def _identity(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Validate, load, evaluate, write reports; returns the exit code."""
     from core.device import resolve_device
+    from data import NUM_CLASSES
     from data.corruptions import CorruptedCifar
     from evaluation import (
         ResultStore,
@@ -160,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.inputs import points_identity
     from evaluation.sections import NormSection
     from evaluation.store import check_resume
+    from evaluation.tracking import track_report
+    from models import check_output
 
     # Without --norm the radii may be in the run's training norm (L1 up to 3072): they wait for it.
     suites, corruptions = _validate(args, radii_may_wait=_chosen_norms(args) is None)
@@ -177,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or config.get("data_dir") or "./datasets"
     corrupted = CorruptedCifar.open(dataset, data_dir, corruptions.corruptions) if corruptions else None
     x, y = load_eval_data(dataset, args.split, data_dir, args.n_ex)
+    check_output(model, tuple(x.shape[1:]), NUM_CLASSES[dataset], info.get("arch") or "the model")
     data = {"dataset": dataset, "split": args.split, "n": len(y), "n_ex": args.n_ex, "data_dir": data_dir,
             "description": f"{dataset} {args.split} split, first {len(y)} points", "points": points_identity(x, y)}
     short = args.n_ex is not None and args.n_ex > len(y)
@@ -210,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
                     "command": " ".join(["eval_autoattack.py"] + list(args.argv)), "out": str(out),
                     "wall_seconds": round(time.perf_counter() - start, 2)}
             paths = write_reports(results[0], out, meta, sections)
+            track_report(args.tracker, out, paths["json"])
         finally:
             sharding.stop()
     lines = [f"{r.settings.norm}: {summary_line(r)}" if len(results) > 1 else summary_line(r) for r in results]

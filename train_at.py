@@ -20,7 +20,8 @@ from typing import Optional
 from core.cli import ArgumentParser as _Parser
 from errors import UserError
 
-RESUME_OVERRIDABLE = {"device", "workers", "checkpoint_every_steps", "data_dir", "generated", "keep_checkpoints"}
+RESUME_OVERRIDABLE = {"device", "workers", "checkpoint_every_steps", "data_dir", "generated", "keep_checkpoints",
+                      "tracker"}
 EXIT_DIVERGED = 3
 EXIT_CODES = """\
 exit codes:

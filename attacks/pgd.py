@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from core.threat import NORMS
 from errors import UserError
+from losses import kl_loss
 
 from . import geometry
 from .context import attack_mode
@@ -51,12 +52,12 @@ def cw_objective(kappa: float = 0.0) -> Objective:
 
 
 def kl_objective(logits_nat: torch.Tensor) -> Objective:
-    """TRADES objective ``KL(softmax(logits_nat) || softmax(logits_adv))`` per sample; ``logits_nat`` is constant."""
-    log_p_nat = F.log_softmax(logits_nat.detach(), dim=1)
+    """TRADES objective ``KL(softmax(logits_nat) || softmax(logits_adv))`` per sample (:func:`losses.kl_loss`,
+    computed in float32 at least); ``logits_nat`` is constant."""
+    logits_nat = logits_nat.detach()
 
     def objective(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        log_p_adv = F.log_softmax(logits_adv, dim=1)
-        return F.kl_div(log_p_adv, log_p_nat, reduction="none", log_target=True).sum(dim=1)
+        return kl_loss(logits_nat, logits_adv, reduction="none")
     return objective
 
 

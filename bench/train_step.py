@@ -96,7 +96,7 @@ class ReleasedStyleStep:
         self.proxy.load_state_dict(self.model.state_dict())
         self.proxy.train()
         o_adv, o_nat = self.proxy(x_adv), self.proxy(x)
-        loss = -(F.cross_entropy(o_nat, y) + pairwise_gkl(o_nat, o_adv, v, cfg.alpha, cfg.beta))
+        loss = -(F.cross_entropy(o_nat, y) + pairwise_gkl(o_nat, o_adv, v, cfg.gkl_wmse_weight, cfg.gkl_ce_weight))
         self.proxy_opt.zero_grad()
         loss.backward()
         self.proxy_opt.step()
@@ -117,11 +117,11 @@ class ReleasedStyleStep:
     def step(self, x: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, lr: float) -> torch.Tensor:
         cfg = self.cfg
         x_adv = self.attack(x, scores)
-        v = scores.pow(cfg.gamma)
+        v = scores.pow(cfg.gkl_weight_exponent)
         diff = self.perturb(x, x_adv, y, v)
         self.model.train()
         o_adv, o_nat = self.model(x_adv), self.model(x)
-        loss = F.cross_entropy(o_nat, y) + pairwise_gkl(o_nat, o_adv, v, cfg.alpha, cfg.beta)
+        loss = F.cross_entropy(o_nat, y) + pairwise_gkl(o_nat, o_adv, v, cfg.gkl_wmse_weight, cfg.gkl_ce_weight)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad()

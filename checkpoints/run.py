@@ -3,7 +3,9 @@
 Accepted sources:
 - a run folder (``RUN/checkpoints/{last,best,epoch_NNNN}.pt`` plus ``RUN/config.yaml``);
 - a project checkpoint file (a dict with ``"format": "gkl-at/1"``);
-- a plain RobustBench-format state dict (``.pt``), which needs the architecture and class count;
+- a plain state dict (``.pt``, ``.safetensors``; wrapped or prefixed as other code bases save them,
+  :mod:`checkpoints.weights`), which needs the architecture (a registry name or ``MODULE:CALLABLE``)
+  and class count;
 - a RobustBench model-zoo name, loaded through robustbench itself (:func:`load_robustbench_model`).
 
 Every user-caused problem (missing file, wrong architecture, wrong class count) is a ``UserError``.
@@ -22,13 +24,12 @@ import torch.nn as nn
 
 from errors import UserError
 
-from .io import load_checkpoint
+from .weights import fit_state_dict, read_weights, state_dict_mismatch, unwrap_state_dict  # noqa: F401 (API)
 
 FORMAT_PREFIX = "gkl-at/"
 SUPPORTED_FORMATS = ("gkl-at/1",)
 WEIGHTS = ("avg", "raw")
 CHECKPOINT_NAMES = ("last", "best")
-_KEY_PREVIEW = 4  # bad keys named in a strict-loading error
 
 
 def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str = "last") -> Path:
@@ -61,34 +62,35 @@ def read_run_config(run_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
 
 
 def load_model(source: str | os.PathLike, *, weights: str = "avg", checkpoint: str = "last",
-               arch: Optional[str] = None, num_classes: Optional[int] = None,
+               arch: Optional[str] = None, num_classes: Optional[int] = None, arch_kwargs: Any = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the model stored at ``source`` and return ``(model in eval mode on device, info)``.
 
     ``weights="avg"`` takes the averaged weights of a project checkpoint (falling back to the raw
-    ones, with a warning, when the run kept none). ``arch``/``num_classes`` are required for a
-    plain state dict; for project checkpoints they are checked against what the file says.
-    ``info`` holds: source, kind, path, arch, dataset, num_classes, epoch, global_step, weights,
-    config, notes.
+    ones, with a warning, when the run kept none). ``arch``/``num_classes`` (and ``arch_kwargs``
+    for a factory) are required for a plain state dict (:mod:`checkpoints.weights` reads its usual
+    shapes); for project checkpoints they are checked against what the file says, except that
+    ``arch`` may say where a run's ``MODULE:CALLABLE`` factory is now. ``info`` holds: source, kind,
+    path, arch, arch_kwargs, dataset, num_classes, epoch, global_step, weights, config, notes.
     """
     if weights not in WEIGHTS:
         raise UserError(f"--weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
     src = Path(source)
     if src.is_dir():
         path = resolve_checkpoint(src, checkpoint)
-        state, kind = load_checkpoint(path), "run"
+        state, kind = read_weights(path), "run"
     elif src.is_file():
         path, kind = src, "checkpoint"
-        state = load_checkpoint(path)
+        state = read_weights(path)
     else:
         raise UserError(f"model source not found: {source} (pass a run folder, a .pt file, "
                         "or --robustbench-model NAME)")
     if isinstance(state, Mapping) and "format" in state:
-        model, info = _from_project_checkpoint(state, path, weights, arch, num_classes)
+        model, info = _from_project_checkpoint(state, path, weights, arch, num_classes, arch_kwargs)
         if kind == "run":
             info["config"] = info["config"] or read_run_config(src)
     else:
-        model, info = _from_state_dict(state, path, arch, num_classes)
+        model, info = _from_state_dict(state, path, arch, num_classes, arch_kwargs)
     if info["kind"] == "checkpoint":
         info["kind"] = kind
     info.update(source=str(source), path=str(path))
@@ -96,7 +98,9 @@ def load_model(source: str | os.PathLike, *, weights: str = "avg", checkpoint: s
 
 
 def _from_project_checkpoint(state: Mapping[str, Any], path: Path, weights: str, arch: Optional[str],
-                             num_classes: Optional[int]) -> tuple[nn.Module, dict[str, Any]]:
+                             num_classes: Optional[int], arch_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    from models import is_factory
+
     fmt = state.get("format")
     if fmt not in SUPPORTED_FORMATS:
         raise UserError(f"{path} has checkpoint format {fmt!r}, this code reads {', '.join(SUPPORTED_FORMATS)} "
@@ -109,7 +113,12 @@ def _from_project_checkpoint(state: Mapping[str, Any], path: Path, weights: str,
     if lacking:
         raise UserError(f"{path} says it is a {fmt} checkpoint but has no valid {', '.join(lacking)}: it is damaged "
                         "or was not written by train_at.py (a plain state dict loads with --arch and --dataset)")
-    if arch is not None and arch != ck_arch:
+    config = dict(state["config"]) if isinstance(state.get("config"), Mapping) else None
+    if arch_kwargs is None:
+        arch_kwargs = (config or {}).get("arch_kwargs")
+    if arch is not None and is_factory(arch) and is_factory(ck_arch):
+        ck_arch = arch  # the run's factory has moved: the weights still load strictly, or not at all
+    elif arch is not None and arch != ck_arch:
         raise UserError(f"--arch {arch} differs from the checkpoint's architecture {ck_arch} in {path}; "
                         "drop --arch to use the checkpoint's")
     if num_classes is not None and ck_classes is not None and int(num_classes) != int(ck_classes):
@@ -125,67 +134,39 @@ def _from_project_checkpoint(state: Mapping[str, Any], path: Path, weights: str,
             note = f"{path.name} has no averaged weights (averaging off or not started): using the raw weights"
             warnings.warn(note, stacklevel=3)
             notes.append(note)
-    model = _build_and_load(ck_arch, int(ck_classes), sd, path)
-    info = {"kind": "checkpoint", "arch": ck_arch, "dataset": state.get("dataset"),
+    model = _build_and_load(ck_arch, int(ck_classes), sd, path, arch_kwargs)
+    info = {"kind": "checkpoint", "arch": ck_arch, "arch_kwargs": arch_kwargs or None, "dataset": state.get("dataset"),
             "num_classes": int(ck_classes), "epoch": state.get("epoch"),
-            "global_step": state.get("global_step"), "weights": chosen,
-            "config": dict(state["config"]) if state.get("config") else None, "notes": notes}
+            "global_step": state.get("global_step"), "weights": chosen, "config": config or None, "notes": notes}
     return model, info
 
 
-def _from_state_dict(state: Any, path: Path, arch: Optional[str],
-                     num_classes: Optional[int]) -> tuple[nn.Module, dict[str, Any]]:
-    sd = _unwrap_state_dict(state, path)
+def _from_state_dict(state: Any, path: Path, arch: Optional[str], num_classes: Optional[int],
+                     arch_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    sd = unwrap_state_dict(state, path)
     if arch is None or num_classes is None:
         raise UserError(f"{path} is a plain state dict without architecture information: pass --arch "
-                        "(e.g. wrn-34-10) and --dataset (for the number of classes)")
-    model = _build_and_load(arch, int(num_classes), sd, path)
-    info = {"kind": "state_dict", "arch": arch, "dataset": None, "num_classes": int(num_classes),
+                        "(e.g. wrn-34-10, or MODULE:CALLABLE) and --dataset (for the number of classes)")
+    model = _build_and_load(arch, int(num_classes), sd, path, arch_kwargs)
+    info = {"kind": "state_dict", "arch": arch, "arch_kwargs": arch_kwargs or None, "dataset": None,
+            "num_classes": int(num_classes),
             "epoch": None, "global_step": None, "weights": "state_dict", "config": None, "notes": []}
     return model, info
 
 
-def _unwrap_state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
-    """Accept ``{"state_dict": sd}`` wrappers and DDP ``module.`` prefixes around a state dict."""
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is neither a checkpoint of this project nor a state dict of tensors")
-    prefix = "module."
-    if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    return dict(state)
+def _build_and_load(arch: str, num_classes: Optional[int], sd: Mapping[str, torch.Tensor], path: Path,
+                    arch_kwargs: Any = None) -> nn.Module:
+    """Build ``arch`` (a registry name or ``MODULE:CALLABLE``) and load ``sd`` into it strictly."""
+    from models import MODELS, build_model, is_factory, parse_arch_kwargs
 
-
-def _build_and_load(arch: str, num_classes: int, sd: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
-    from models import MODELS, build_model
-
-    if arch not in MODELS:
+    if not is_factory(arch) and arch not in MODELS:
         raise UserError(f"unknown architecture {arch!r} for {path}; choose --arch from: "
-                        f"{', '.join(sorted(MODELS))}")
-    model = build_model(arch, num_classes=num_classes)
-    problem = state_dict_mismatch(model, sd)
-    if problem:
-        raise UserError(f"{path} does not load strictly into {arch} with {num_classes} classes: {problem}")
-    model.load_state_dict(sd, strict=True)
+                        f"{', '.join(sorted(MODELS))}, or MODULE:CALLABLE")
+    model = build_model(arch, num_classes=num_classes, **parse_arch_kwargs(arch_kwargs))
+    classes = f" with {num_classes} classes" if num_classes is not None else ""
+    fitted = fit_state_dict(model, dict(sd), f"{path} does not load strictly into {arch}{classes}")
+    model.load_state_dict(fitted, strict=True)
     return model
-
-
-def state_dict_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
-    """Describe why ``sd`` would not load strictly into ``model`` (empty string when it would)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    parts = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
-        if keys:
-            more = f" (+{len(keys) - _KEY_PREVIEW} more)" if len(keys) > _KEY_PREVIEW else ""
-            parts.append(f"{label}: {', '.join(keys[:_KEY_PREVIEW])}{more}")
-    if not parts:
-        return ""
-    return "; ".join(parts) + " (wrong --arch or --dataset?)"
 
 
 def load_robustbench_model(name: str, *, model_dir: str | os.PathLike = "./models", dataset: str = "cifar10",

@@ -14,7 +14,7 @@ from errors import UserError
 NORMS = ("Linf", "L2", "L1")
 # RobustBench's CIFAR radii for its L-inf and L2 boards; 12 is the L1 radius of APGD-L1 (Croce & Hein, 2021).
 STANDARD_EPS = {"Linf": 8 / 255, "L2": 0.5, "L1": 12.0}
-IMAGE_DIM = 3 * 32 * 32  # every dataset of this project is 32x32 RGB (CIFAR, the upsampled digits)
+IMAGE_DIM = 3 * 32 * 32  # 32x32 RGB (CIFAR, digits, SVHN): the size radii are checked against unless told
 
 
 def check_norm(norm: str, flag: str = "--norm") -> str:

@@ -1,17 +1,20 @@
-"""Datasets (CIFAR-10/100, embedded digits, generated data), transforms and batch samplers.
+"""Datasets (a registry: CIFAR-10/100, embedded digits, SVHN, Tiny-ImageNet, ``folder:PATH``, ``npz:PATH``;
+generated data), transforms and batch samplers.
 
 All datasets yield ``(image, label)`` with images as float tensors in [0, 1] (or, in two-view
-mode, a pair of such tensors) and share the torchvision CIFAR interface (``data``, ``targets``).
-The names below are imported on first use, so that ``python -m data.convert_generated`` stays
-free of torch.
+mode, a pair of such tensors) and share the torchvision CIFAR interface (``targets``; ``data`` as
+N x H x W x C uint8 where the images are held in memory). :mod:`data.registry` names them; the
+names below are imported on first use, so that ``python -m data.convert_generated`` stays free
+of torch.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Optional
+from typing import Any
 
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
-DATASETS = tuple(NUM_CLASSES)
+from .registry import (DATASETS, ENTRIES, NUM_CLASSES, DatasetEntry, build_dataset, canonical_name, image_shape_of,
+                       num_classes_of, open_dataset, register)
+
 _LAZY = {"Digits": ".digits", "EpochBatchSampler": ".sampler", "SeededDataset": ".sampler",
          "AUGMENTATIONS": ".transforms", "eval_transform": ".transforms", "train_transform": ".transforms"}
 
@@ -22,22 +25,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_dataset(name: str, train: bool, data_dir: str = "./datasets", download: bool = False,
-                  transform: Optional[Callable] = None):
-    """Return the train or test split of ``name`` with ``transform`` (default: plain to-tensor)."""
-    from .transforms import eval_transform
-
-    transform = transform or eval_transform()
-    if name == "digits":
-        from .digits import Digits
-
-        return Digits(train=train, transform=transform)
-    if name in ("cifar10", "cifar100"):
-        from .cifar import cifar_dataset
-
-        return cifar_dataset(name, train=train, data_dir=data_dir, download=download, transform=transform)
-    raise KeyError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-
-
-__all__ = ["AUGMENTATIONS", "DATASETS", "NUM_CLASSES", "Digits", "EpochBatchSampler", "SeededDataset",
-           "build_dataset", "eval_transform", "train_transform"]
+__all__ = ["AUGMENTATIONS", "DATASETS", "ENTRIES", "NUM_CLASSES", "DatasetEntry", "Digits", "EpochBatchSampler",
+           "SeededDataset", "build_dataset", "canonical_name", "eval_transform", "image_shape_of", "num_classes_of",
+           "open_dataset", "register", "train_transform"]

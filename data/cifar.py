@@ -65,3 +65,13 @@ def _all_files_present(name: str, root: Path) -> bool:
     cls = CIFAR_CLASSES[name]
     names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     return all((cifar_folder(name, root) / f).is_file() for f in names)
+
+
+def open_cifar(name: str, data_dir: str, download: bool = False):
+    """The registry's opener of ``cifar10`` / ``cifar100`` under ``data_dir``."""
+    from .images import Source
+
+    def make(train: bool, transform: Optional[Callable]) -> CIFAR10:
+        return cifar_dataset(name, train=train, data_dir=data_dir, download=download, transform=transform)
+
+    return Source(name, {"cifar10": 10, "cifar100": 100}[name], (3, 32, 32), make)

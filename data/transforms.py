@@ -25,17 +25,17 @@ def eval_transform() -> Callable:
     return T.ToTensor()
 
 
-def basic_transform(flip: bool = True) -> Callable:
-    """Random crop with 4 px zero padding (+ horizontal flip): the standard CIFAR augmentation."""
-    ops = [T.RandomCrop(32, padding=4)]
+def basic_transform(flip: bool = True, size: tuple[int, int] = (32, 32)) -> Callable:
+    """Random crop of ``size`` (H, W) with 4 px zero padding (+ horizontal flip): the standard CIFAR augmentation."""
+    ops = [T.RandomCrop(tuple(size), padding=4)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
     return T.Compose(ops + [T.ToTensor()])
 
 
-def autoaug_transform(flip: bool = True) -> Callable:
+def autoaug_transform(flip: bool = True, size: tuple[int, int] = (32, 32)) -> Callable:
     """Crop (+ flip), then AutoAugment with the CIFAR-10 policy, then to a [0, 1] tensor."""
-    ops = [T.RandomCrop(32, padding=4)]
+    ops = [T.RandomCrop(tuple(size), padding=4)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
     ops.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10, fill=AUTOAUG_FILL))
@@ -55,19 +55,21 @@ class TwoViewTransform:
         return f"{type(self).__name__}(\n  first={self.first!r},\n  second={self.second!r})"
 
 
-def two_view_transform(flip: bool = True) -> TwoViewTransform:
+def two_view_transform(flip: bool = True, size: tuple[int, int] = (32, 32)) -> TwoViewTransform:
     """``(basic view, AutoAugment view)`` of one image, the input of the ``autoaug`` presets."""
-    return TwoViewTransform(basic_transform(flip), autoaug_transform(flip))
+    return TwoViewTransform(basic_transform(flip, size), autoaug_transform(flip, size))
 
 
-def train_transform(augment: str) -> Callable:
-    """Training transform: ``none``, ``crop`` (no flip: digits), ``basic``, or two-view ``autoaug``."""
+def train_transform(augment: str, size: tuple[int, int] = (32, 32)) -> Callable:
+    """Training transform for images of ``size`` (H, W): ``none``, ``crop`` (no flip: digits), ``basic``, or
+    two-view ``autoaug``."""
     if augment == "none":
         return eval_transform()
     if augment == "crop":
-        return basic_transform(flip=False)
+        return basic_transform(flip=False, size=size)
     if augment == "basic":
-        return basic_transform(flip=True)
+        return basic_transform(flip=True, size=size)
     if augment == "autoaug":
-        return two_view_transform(flip=True)
+        return two_view_transform(flip=True, size=size)
     raise ValueError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
+

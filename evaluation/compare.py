@@ -10,6 +10,11 @@ gets right, and the exact McNemar p-value (one test per row, not corrected for t
 rows). Runs evaluated on different points (dataset, split, number of points, digests of labels
 and images) are refused: their flags cannot be paired. ``--unpaired`` prints the side-by-side
 table alone.
+
+``python -m evaluation.compare SWEEP [--baseline KEY=V,...]`` with one sweep folder (``submit.py
+sweep``'s ``--out``, or any folder of run folders) aggregates the whole sweep instead: mean and
+standard deviation over seeds per grid point, pooled intervals, paired tests against the baseline,
+written to ``SWEEP/summary.{csv,md,json,png}`` (:mod:`evaluation.sweep_summary`).
 """
 from __future__ import annotations
 
@@ -18,11 +23,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from errors import UserError
 
+from .pairing import check_same_points, flags_of, points_of  # noqa: F401  (points_of: this module's API)
 from .report import EvalReport, read_report, report_path
+from .sweep import is_sweep_folder
 from .stats import PairedTable
 
 
@@ -55,39 +60,6 @@ def _figures(rep: EvalReport) -> dict[str, float]:
     return out
 
 
-# ------------------------------------------------------------------------------------- pairing
-def points_of(rep: EvalReport) -> dict[str, object]:
-    """What identifies a report's points: dataset, split, n and the digests eval_autoattack.py records."""
-    data = rep.raw.get("data") or {}
-    points = data.get("points") or {}
-    return {"dataset": rep.dataset, "split": rep.split, "n": rep.n,
-            "labels_sha256": points.get("labels_sha256"), "images_sha256": points.get("images_sha256")}
-
-
-def check_same_points(name_a: str, a: EvalReport, name_b: str, b: EvalReport) -> None:
-    """``UserError`` unless both reports hold per-point flags over the same points."""
-    for name, rep in ((name_a, a), (name_b, b)):
-        if not isinstance(rep.raw.get("per_sample"), dict) or "clean" not in rep.raw["per_sample"]:
-            raise UserError(f"cannot pair {name}: its report has no per-point flags (per_sample); rerun "
-                            f"eval_autoattack.py on it with --resume (finished attacks are reused), or pass --unpaired")
-    pa, pb = points_of(a), points_of(b)
-    if pa["labels_sha256"] is None or pb["labels_sha256"] is None:
-        missing = name_a if pa["labels_sha256"] is None else name_b
-        raise UserError(f"cannot pair {name_a} and {name_b}: the report of {missing} does not identify its points "
-                        "(written before point digests); rerun eval_autoattack.py on it with --resume, or pass "
-                        "--unpaired")
-    differ = [f"{k} {pa[k]} vs {pb[k]}" if k in ("dataset", "split", "n") else f"{k[:-7]} differ"
-              for k in pa if pa[k] != pb[k]]
-    if differ:
-        raise UserError(f"cannot pair {name_a} and {name_b}: they were evaluated on different points "
-                        f"({', '.join(differ)}); evaluate both on the same points (same --dataset, --split, "
-                        "--n-ex, data) or pass --unpaired for the side-by-side table alone")
-
-
-def _flags(bits: str) -> torch.Tensor:
-    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
-
-
 def paired_rows(a: EvalReport, b: EvalReport) -> list[tuple[str, str, PairedTable]]:
     """(eps, attack label, table) for clean and every (norm, eps, attack) both reports hold, in A's order.
 
@@ -95,7 +67,7 @@ def paired_rows(a: EvalReport, b: EvalReport) -> list[tuple[str, str, PairedTabl
     of the two reports may differ. The eps of a norm other than L-inf is written ``L2 0.5``.
     """
     clean_a, clean_b = a.raw["per_sample"]["clean"], b.raw["per_sample"]["clean"]
-    rows = [("-", "Clean", PairedTable.from_flags(_flags(clean_a), _flags(clean_b)))]
+    rows = [("-", "Clean", PairedTable.from_flags(flags_of(clean_a), flags_of(clean_b)))]
     for norm in a.norms or [a.norm]:
         part_a, part_b = a.threat(norm), b.threat(norm)
         if part_a is None or part_b is None:
@@ -106,7 +78,8 @@ def paired_rows(a: EvalReport, b: EvalReport) -> list[tuple[str, str, PairedTabl
             bits_a = (sa.get(r.eps_str) or {}).get(r.attack)
             bits_b = (sb.get(r.eps_str) or {}).get(r.attack)
             if bits_a is not None and bits_b is not None:
-                rows.append((prefix + r.eps_str, r.label, PairedTable.from_flags(_flags(bits_a), _flags(bits_b))))
+                table = PairedTable.from_flags(flags_of(bits_a), flags_of(bits_b))
+                rows.append((prefix + r.eps_str, r.label, table))
     return rows
 
 
@@ -137,16 +110,24 @@ def compare(runs: Sequence[str], unpaired: bool = False) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (usage: python -m evaluation.compare RUN [RUN ...] [--unpaired])")
+        raise UserError(f"{message} (usage: python -m evaluation.compare RUN [RUN ...] [--unpaired], or "
+                        "python -m evaluation.compare SWEEP [--baseline KEY=V,...])")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = _Parser(prog="python -m evaluation.compare", description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders (RUN/eval/report.json) or report.json files")
+    p.add_argument("runs", nargs="+", help="run folders (RUN/eval/report.json) or report.json files; or one "
+                   "sweep folder")
     p.add_argument("--unpaired", action="store_true", help="the side-by-side table only, no paired statistics")
+    p.add_argument("--baseline", metavar="KEY=V,...", help="sweep: the grid point every other point is paired with")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
-        text = compare(args.runs, unpaired=args.unpaired)
+        text = _sweep(args) if len(args.runs) == 1 and is_sweep_folder(args.runs[0]) else None
+        if text is None:
+            if args.baseline:
+                raise UserError(f"--baseline chooses a grid point of a sweep: {' '.join(args.runs)} is not one "
+                                "sweep folder (sweep.yaml, or run folders below it)")
+            text = compare(args.runs, unpaired=args.unpaired)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except UserError as e:
@@ -154,6 +135,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     print(text)
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> str:
+    """The sweep summary's Markdown (its notes last), then the files written."""
+    from .sweep_summary import summarize
+
+    if args.unpaired:
+        raise UserError("--unpaired is for RUN_A RUN_B: a sweep is paired only with --baseline")
+    text, paths, _ = summarize(args.runs[0], baseline=args.baseline)
+    return text + "\nwritten: " + ", ".join(str(p) for p in paths.values())
 
 
 if __name__ == "__main__":

@@ -94,4 +94,8 @@ def run_malt(ctx: RunContext, spec: AttackSpec, eps: float, idx: torch.Tensor, s
     return broken, x_adv
 
 
-MALT = register(EvalAttack("malt", FORMS, _parse, _label, "autoattack", lambda s: True, run_malt))
+MALT = register(EvalAttack(
+    "malt", FORMS, _parse, _label, "autoattack", lambda s: True, run_malt, examples=("malt", "malt:k=5,testk=20"),
+    rule="MALT: targeted APGD (AutoAttack's, DLR-targeted loss, 1 restart per target) on the k classes of nearest "
+         "linearised boundary among the testk highest logits, each point until its first success, per chunk of "
+         "{chunk_size} points with a seed per chunk"))

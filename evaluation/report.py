@@ -25,7 +25,8 @@ from core.threat import eps_text
 from errors import UserError
 
 from .composite import composite_markdown, composite_rows
-from .results import SuiteResult
+from .results import SuiteResult, SuiteSettings
+from .spec import ATTACKS
 from .stats import ci_cell, per_class, per_class_frame, per_class_markdown, wilson
 
 REPORT_FILES = {"json": "report.json", "markdown": "report.md", "table_eps": "table_eps.csv",
@@ -149,6 +150,13 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def rule_lines(settings: SuiteSettings) -> list[str]:
+    """How each kind of attack in ``settings`` ran: the ``rule`` of its entry in the attack table, once per kind."""
+    kinds = dict.fromkeys(a.kind for a in settings.attacks)
+    values = settings.as_dict()
+    return [ATTACKS[k].rule.format(**values) for k in ATTACKS if k in kinds and ATTACKS[k].rule]
+
+
 def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> str:
     """Human-readable report: settings, both tables, sanity-check warnings, timings."""
     meta = meta or {}
@@ -159,7 +167,7 @@ def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) 
               f"epoch {model.get('epoch')}, file {model.get('path')}",
               f"- data: {meta.get('data', {}).get('description', f'{result.n} points')}",
               f"- threat model: {s.norm}, eps {', '.join(eps_text(e, s.norm) for e in s.eps)}; seed {s.seed}; fp32",
-              f"- {s.as_dict()['pgd_rule']} (fraction {s.step_fraction:g})",
+              *[f"- {line}" for line in rule_lines(s)],
               "- multi-eps: at each eps an attack runs only on the points it could not break at the "
               "previous eps",
               f"- [low, high]: 95% Wilson interval over the {result.n} points (Avg.: mean over eps, no interval)", ""]

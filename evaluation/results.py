@@ -56,6 +56,8 @@ class SuiteSettings:
         return eps * self.step_fraction
 
     def as_dict(self) -> dict[str, Any]:
+        # "pgd_rule" is part of every cached result's key (key_dict) and stays verbatim, so evaluations
+        # written before resume from their cache; the reports state the rules from the attack table.
         return {"eps": list(self.eps), "eps_str": [eps_text(e, self.norm) for e in self.eps],
                 "attacks": [a.name for a in self.attacks], "norm": self.norm, "seed": self.seed,
                 "batch_size": self.batch_size, "step_fraction": self.step_fraction, "chunk_size": self.chunk_size,

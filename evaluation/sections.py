@@ -21,6 +21,7 @@ from .report import (
     per_sample_frame,
     plot_robustness,
     report_dict,
+    rule_lines,
     table_attacks,
     table_eps,
 )
@@ -47,8 +48,8 @@ class NormSection:
     def markdown(self) -> str:
         r, s = self.result, self.result.settings
         lines = [f"## {s.norm} threat model", "",
-                 f"- eps {', '.join(eps_text(e, s.norm) for e in s.eps)}; seed {s.seed}; fp32; "
-                 f"{s.as_dict()['pgd_rule']} (fraction {s.step_fraction:g})", "",
+                 f"- eps {', '.join(eps_text(e, s.norm) for e in s.eps)}; seed {s.seed}; fp32",
+                 *[f"- {line}" for line in rule_lines(s)], "",
                  f"### {s.norm}: robust accuracy (%) across eps (Table 14 layout)", "",
                  _markdown_table(table_eps(r, ci=True)), "",
                  f"### {s.norm}: robust accuracy (%) per attack (Table 15 layout)", "",

@@ -2,9 +2,11 @@
 
 Names: ``clean``, ``pgdK`` / ``cwK`` (any K), ``aa`` / ``aa-plus`` / ``aa-rand`` (AutoAttack
 versions) and ``aa:apgd-ce,apgd-t,...`` (a custom AutoAttack list). Each entry of the table says
-how its names parse, what runs, whether it is white-box, its family (sanity checks compare
-families) and its column title. The suite dispatches through the table; a name no entry accepts
-is a ``UserError`` listing the forms, never a silent default.
+how its names parse, what runs (its own run function in :mod:`evaluation.runners`), whether it is
+white-box, its family (sanity checks compare families), its column title, example names for
+``--help`` and the line that states its rule in reports. The suite dispatches through the table; a
+name no entry accepts is a ``UserError`` listing the forms, never a silent default. A new kind is
+one ``register(EvalAttack(...))`` (docs/EXTENDING.md).
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ class AttackSpec:
 
 @dataclass(frozen=True)
 class EvalAttack:
-    """One kind of evaluation attack: how its names parse, what runs, how it reads in tables."""
+    """One kind of evaluation attack: how its names parse, what runs, how it reads in tables and reports."""
 
     kind: str
     forms: str  # the accepted names, for error messages and --help
@@ -75,10 +77,17 @@ class EvalAttack:
     family: str  # one of FAMILIES
     white_box: Callable[[AttackSpec], bool]
     run: Optional[runners.RunFn] = None  # None: nothing to run (clean)
+    examples: tuple[str, ...] = ()  # names for --help, each accepted by ``parse``
+    rule: str = ""  # how it runs, one report line; ``{step_fraction:g}``, ``{norm}``... from the settings
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"evaluation attack {self.kind}: family must be one of {FAMILIES}")
+        if (self.run is None) != (self.family == "clean"):
+            raise ValueError(f"evaluation attack {self.kind}: every kind but clean has a run function")
+        bad = [name for name in self.examples if self.parse(name, name) is None]
+        if bad:
+            raise ValueError(f"evaluation attack {self.kind}: its parser refuses its example(s) {', '.join(bad)}")
 
 
 def _parse_clean(text: str, name: str) -> Optional[AttackSpec]:
@@ -123,14 +132,25 @@ def register(entry: EvalAttack) -> EvalAttack:
     return ATTACKS.add(entry.kind, entry)
 
 
-register(EvalAttack("clean", "clean", _parse_clean, lambda s: "Clean", "clean", lambda s: False))
-register(EvalAttack("pgd", "pgdK (PGD-K on the CE loss)", _iterative_parser("pgd"), lambda s: f"PGD-{s.steps}",
-                    "iterative", lambda s: True, runners.run_iterative))
-register(EvalAttack("cw", "cwK (PGD-K on the CW margin)", _iterative_parser("cw"), lambda s: f"CW-{s.steps}",
-                    "iterative", lambda s: True, runners.run_iterative))
+register(EvalAttack("clean", "clean", _parse_clean, lambda s: "Clean", "clean", lambda s: False,
+                    examples=("clean",)))
+register(EvalAttack("pgd", "pgdK (PGD-K on the CE loss, any K)", _iterative_parser("pgd"), lambda s: f"PGD-{s.steps}",
+                    "iterative", lambda s: True, runners.run_pgd, examples=("pgd10", "pgd20"),
+                    rule="PGD-K: K steps of size eps * {step_fraction:g} on the CE loss from a uniform random start "
+                         "in the ball (drawn per point), 1 restart"))
+register(EvalAttack("cw", "cwK (PGD-K on the CW margin, any K)", _iterative_parser("cw"), lambda s: f"CW-{s.steps}",
+                    "iterative", lambda s: True, runners.run_cw, examples=("cw10", "cw20"),
+                    rule="CW-K: PGD-K on the CW margin loss (kappa 0), same steps and starts as PGD-K"))
 register(EvalAttack("aa", "aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t,...", _parse_autoattack, _aa_label,
-                    "autoattack", lambda s: not s.black_box_only, runners.run_autoattack))
-EXAMPLES = "clean, pgd10, pgd20, cw10, cw20, aa, aa-plus, aa-rand, aa:apgd-ce,apgd-t, malt, malt:k=5,testk=20"
+                    "autoattack", lambda s: not s.black_box_only, runners.run_autoattack,
+                    examples=("aa", "aa-plus", "aa-rand", "aa:apgd-ce,apgd-t"),
+                    rule="AA: AutoAttack (Croce and Hein 2020) with its own steps and restarts, on the points "
+                         "still robust, per chunk of {chunk_size} points with a seed per chunk"))
+
+
+def attack_examples() -> str:
+    """Example names of every registered kind, for ``--help``."""
+    return ", ".join(name for entry in ATTACKS.values() for name in entry.examples)
 
 
 def parse_attack(name: str) -> AttackSpec:
@@ -140,7 +160,7 @@ def parse_attack(name: str) -> AttackSpec:
         spec = entry.parse(text, name)
         if spec is not None:
             return spec
-    raise UserError(f"unknown attack {name!r}; choose from: {EXAMPLES} (pgdN and cwN take any N)")
+    raise UserError(f"unknown attack {name!r}; choose from: {'; '.join(e.forms for e in ATTACKS.values())}")
 
 
 def parse_attacks(names: list[str]) -> list[AttackSpec]:

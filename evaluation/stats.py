@@ -1,17 +1,19 @@
 """Statistics of accuracies measured on a finite set of points: Wilson intervals and paired comparisons.
 
 An accuracy over ``n`` points is a binomial proportion; :func:`wilson` gives its 95% score interval
-(Wilson 1927), which keeps its coverage near 0 and 1 where the normal approximation fails. Two
-models evaluated on the same points are compared point by point: the 2x2 table of their flags
-(:class:`PairedTable`) gives the paired difference with Newcombe's hybrid score interval (method 10
-of Newcombe 1998, Statistics in Medicine 17:2635-2650) and the exact McNemar test (a two-sided
-binomial test of the points only one model gets right). Pairing is what makes a +0.5 point gain on
-10,000 points testable: the points both models get right or wrong carry no noise.
+(Wilson 1927; ``scipy.stats.binomtest``), which keeps its coverage near 0 and 1 where the normal
+approximation fails. Two models evaluated on the same points are compared point by point: the 2x2
+table of their flags (:class:`PairedTable`) gives the paired difference with Newcombe's hybrid score
+interval (method 10 of Newcombe 1998, Statistics in Medicine 17:2635-2650; no library has it) and
+the exact McNemar test (scipy's two-sided binomial test of the points only one model gets right).
+Pairing is what makes a +0.5 point gain on 10,000 points testable: the points both models get right
+or wrong carry no noise.
 
 Also here: per-class clean and worst-case robust accuracy of a suite result.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,18 +26,15 @@ from core.threat import eps_text
 if TYPE_CHECKING:
     from .results import SuiteResult
 
-Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
+@functools.lru_cache(maxsize=4096)  # reports ask for the same (k, n) many times; scipy's test costs ~1 ms
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``k / n`` (nan, nan for ``n = 0``); exactly 0 / 1 at k = 0 / n."""
+    from scipy.stats import binomtest  # scipy.stats takes seconds to import: only when an interval is asked for
 
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of the proportion ``k / n`` (nan, nan for ``n = 0``)."""
     if n <= 0:
         return float("nan"), float("nan")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return (0.0 if k == 0 else float(ci.low)), (1.0 if k == n else float(ci.high))
 
 
 def ci_cell(k: int, n: int) -> str:
@@ -48,14 +47,9 @@ def ci_cell(k: int, n: int) -> str:
 
 def binomial_two_sided(k: int, m: int) -> float:
     """Exact two-sided p-value of ``k`` successes in ``m`` fair coin flips: 2 P(X <= min(k, m - k)), at most 1."""
-    if m == 0:
-        return 1.0
-    low = min(k, m - k)
-    term, tail = 1, 1  # C(m, 0); exact integers, so no underflow at m = 10,000
-    for i in range(1, low + 1):
-        term = term * (m - i + 1) // i
-        tail += term
-    return min(1.0, 2 * tail / 2**m)
+    from scipy.stats import binomtest
+
+    return 1.0 if m == 0 else float(binomtest(k, m, 0.5).pvalue)
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ class PairedTable:
         """Accuracy of B minus accuracy of A."""
         return (self.only_b - self.only_a) / self.n
 
-    def difference_interval(self, z: float = Z95) -> tuple[float, float]:
+    def difference_interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """Newcombe's hybrid score interval (method 10) for :attr:`difference`.
 
         The Wilson intervals of both accuracies are combined with the estimated correlation of the
@@ -99,8 +93,8 @@ class PairedTable:
         """
         n = self.n
         p_a, p_b = self.accuracy_a, self.accuracy_b
-        low_a, high_a = wilson(self.both + self.only_a, n, z)
-        low_b, high_b = wilson(self.both + self.only_b, n, z)
+        low_a, high_a = wilson(self.both + self.only_a, n, confidence)
+        low_b, high_b = wilson(self.both + self.only_b, n, confidence)
         margins = ((self.both + self.only_a) * (self.only_b + self.neither) * (self.both + self.only_b)
                    * (self.only_a + self.neither))
         cross = self.both * self.neither - self.only_a * self.only_b

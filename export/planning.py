@@ -24,11 +24,10 @@ from .boards import (
     has_results,
 )
 from .model_info import check_report_model
+from .request import ExportRequest
 
 if TYPE_CHECKING:
     from evaluation.report import EvalReport
-
-    from .submission import ExportRequest
 
 
 @dataclass

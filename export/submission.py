@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional
 
 import torch.nn as nn
 
@@ -52,35 +52,11 @@ from .model_info import (
     validate_model_info,
 )
 from .planning import BoardPlan, plan_boards
+from .request import ExportRequest
 from .weights import LOGIT_TOLERANCE, file_sha256, robustbench_state_dict, save_weights, verify_export
 
 FORMATS = ("pt", "safetensors")
 WEIGHT_CHOICES = ("avg", "raw", "last", "best")
-
-
-@dataclass
-class ExportRequest:
-    """Everything one export needs; ``export_robustbench.py`` fills it from the command line."""
-
-    source: str
-    out: Optional[str] = None
-    weights: str = "avg"  # avg | raw (of --checkpoint) | last (raw last.pt) | best (best.pt as selected)
-    checkpoint: Optional[str] = None
-    arch: Optional[str] = None
-    dataset: Optional[str] = None
-    model_name: Optional[str] = None
-    eval_json: Union[None, str, Sequence[str]] = None  # one or more report.json files
-    allow_unevaluated: bool = False
-    norm: Optional[str] = None  # one board only; default: every board the reports have results for
-    eps: Optional[float] = None
-    fmt: str = "pt"
-    card: ModelCard = field(default_factory=ModelCard)
-    claim: bool = False
-    data_dir: Optional[str] = None
-    claim_n: int = FULL_TEST_SET
-    batch_size: int = 256
-    device: str = "cpu"
-    verify_n: int = 16
 
 
 @dataclass

@@ -165,6 +165,15 @@ def gkl_loss(
     return loss, {"wmse": wmse.detach(), "soft_ce": soft_ce.detach()}
 
 
+def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q) = sum_j p_j (log p_j - log q_j)`` per sample, from log-probabilities ``(B, C)`` -> ``(B,)``.
+
+    The one KL of the project: :func:`kl_loss`, the TRADES attack objective and MART's term all
+    compute it here (MART passes the natural log-probabilities it also uses for its weight).
+    """
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def kl_loss(logits_m: Tensor, logits_n: Tensor, reduction: str = "batchmean") -> Tensor:
     """``KL(softmax(o_m) || softmax(o_n))`` per sample, as TRADES uses it.
 
@@ -175,9 +184,7 @@ def kl_loss(logits_m: Tensor, logits_n: Tensor, reduction: str = "batchmean") ->
     if reduction not in KL_REDUCTIONS:
         raise UserError(f"reduction={reduction!r} is not supported; use one of {KL_REDUCTIONS}")
     dtype = _working_dtype(logits_m)
-    log_m = F.log_softmax(logits_m.to(dtype), dim=-1)
-    log_n = F.log_softmax(logits_n.to(dtype), dim=-1)
-    per_sample = (log_m.exp() * (log_m - log_n)).sum(-1)
+    per_sample = kl_divergence(F.log_softmax(logits_m.to(dtype), dim=-1), F.log_softmax(logits_n.to(dtype), dim=-1))
     if reduction == "none":
         return per_sample
     return per_sample.sum() if reduction == "sum" else per_sample.mean()

@@ -15,7 +15,7 @@ from training.schedules import attack_budget
 from training.trainer import Trainer
 
 BASE = dict(dataset="digits", arch="tiny-cnn", eps=16 / 255, epochs=2, batch_size=8, lr=0.05, awp_gamma=0.005,
-            awp_warmup=1, device="cpu", amp="off", alpha=20.0, beta=4.0, compile_backend="aot_eager")
+            awp_warmup=1, device="cpu", amp="off", gkl_wmse_weight=20.0, gkl_ce_weight=4.0, compile_backend="aot_eager")
 
 
 def _steps(cfg: TrainConfig, n_views: int, compiled: bool) -> engine.StepModules:

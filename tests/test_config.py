@@ -35,10 +35,11 @@ def test_every_preset_loads_and_validates():
 
 
 def test_overrides_are_typed():
-    cfg = build_config("cifar100-gkl", _args(["--epochs", "5", "--alpha", "12", "--eps", "4", "--nesterov", "true"]))
-    assert (cfg.epochs, cfg.alpha, cfg.nesterov) == (5, 12.0, True)
+    cfg = build_config("cifar100-gkl", _args(["--epochs", "5", "--gkl-wmse-weight", "12", "--eps", "4",
+                                              "--nesterov", "true"]))
+    assert (cfg.epochs, cfg.gkl_wmse_weight, cfg.nesterov) == (5, 12.0, True)
     assert cfg.eps == pytest.approx(4 / 255)
-    assert cfg.beta == 4.0  # the preset's value stays
+    assert cfg.gkl_ce_weight == 4.0  # the preset's value stays
 
 
 @pytest.mark.parametrize("argv,needle", [(["--epochs", "2.5"], "2.5"), (["--loss", "foo"], "foo"),

@@ -47,7 +47,7 @@ class Crash(Exception):
 
 def config(**kw) -> TrainConfig:
     """50 training images at global batch 16: 3 steps per epoch, 2 epochs; AWP and the bank on."""
-    base = dict(dataset="digits", arch="small-cnn", loss="gkl", alpha=20.0, beta=4.0, gamma=1.0, tau=4.0,
+    base = dict(dataset="digits", arch="small-cnn", loss="gkl", gkl_wmse_weight=20.0, gkl_ce_weight=4.0, gkl_weight_exponent=1.0, tau=4.0,
                 norm="L2", eps=0.5, attack_budget="fixed", attack_steps=1, attack_step_size=0.2,
                 epochs=2, batch_size=16, lr=0.005, awp_gamma=0.005, awp_warmup=1, averaging="epoch-ema",
                 avg_decay=0.5, val_size=1437 - 50, eval_subset=16, eval_pgd_steps=1, checkpoint_every_steps=4,
@@ -57,7 +57,7 @@ def config(**kw) -> TrainConfig:
 
 
 # 51 images at batch 16: steps of 16, 16, 16 and 3 images; the last splits 2 / 1 over two ranks
-PARTIAL = dict(val_size=1437 - 51, drop_last=False, gamma=0.4, epochs=1, checkpoint_every_steps=0)
+PARTIAL = dict(val_size=1437 - 51, drop_last=False, gkl_weight_exponent=0.4, epochs=1, checkpoint_every_steps=0)
 
 
 def _fixed_start(x, radius, norm, kind, generator):
@@ -123,7 +123,7 @@ def _gkl_logit_grads(rows: slice, share: float = 1.0) -> tuple:
     o_nat, o_adv = torch.randn(2, 8, 10, generator=gen).mul(3)
     scores = torch.softmax(torch.randn(8, 10, generator=gen) * 3, dim=1)
     o_nat, o_adv = o_nat[rows].requires_grad_(), o_adv[rows].requires_grad_()
-    spec = LossSpec("gkl", alpha=20.0, beta=4.0, gamma=0.4, rank_share=share)
+    spec = LossSpec.of("gkl", wmse_weight=20.0, ce_weight=4.0, weight_exponent=0.4, rank_share=share)
     loss, _ = gkl_term(spec, o_nat, o_adv, None, scores[rows])
     return torch.autograd.grad(loss * share, (o_nat, o_adv))
 
@@ -213,6 +213,8 @@ def test_two_processes_with_sync_bn_equal_one_process_with_the_full_batch(runs):
     assert not torch.allclose(one["bank"]["bank"], torch.full_like(one["bank"]["bank"], 0.1))
     for k in ("train_loss", "train_ce", "train_wmse", "train_acc_adv", "val_clean", "val_pgd"):
         assert two["history"][0][k] == pytest.approx(one["history"][0][k], abs=1e-5), k
+    images = [h["history"][0]["train_images_per_s"] * h["history"][0]["train_time_s"] for h in (two, one)]
+    assert images[0] == pytest.approx(images[1], rel=1e-9) and images[1] > 0  # images/s counts every rank's images
     _assert_same_batches([r["logs"]["sync"] for r in ranks], logs["single"], range(1, CRASH_AT + 1))
 
 

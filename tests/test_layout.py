@@ -1,7 +1,9 @@
 """The house rules of the code layout: floors, no import cycles, short files, no sys.path edits.
 
 Floors (README "Code map"): a package may import its own modules and packages on lower floors
-only. Every import counts, also the ones inside functions.
+only. Every import counts, also the ones inside functions and the ones under ``if TYPE_CHECKING:``
+(an annotation-only import is still a dependency: two modules that name each other's types are
+one module in two files).
 """
 from __future__ import annotations
 
@@ -27,16 +29,21 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(name: str, file: Path, known: set[str]) -> set[str]:
-    """Project modules ``name`` imports (absolute and relative, at any depth of the file, except under
-    ``if TYPE_CHECKING:``)."""
+def _is_type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
+    return getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"
+
+
+def _imports(name: str, file: Path, known: set[str], typing: bool = True) -> set[str]:
+    """Project modules ``name`` imports (absolute and relative, at any depth of the file; those under
+    ``if TYPE_CHECKING:`` too unless ``typing`` is False)."""
     package = name if file.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(file.read_text())
     typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+                   and _is_type_checking(block.test) for n in ast.walk(block)}
     out: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:  # annotations only: never imported at run time
+        if not typing and id(node) in typing_only:
             continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -65,8 +72,9 @@ def test_no_package_imports_a_higher_floor():
     assert not bad, bad
 
 
-def test_no_import_cycles():
-    graph, state, cycles = _graph(), {}, []
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    state: dict[str, str] = {}
+    cycles: list[list[str]] = []
 
     def visit(node: str, stack: list[str]) -> None:
         state[node] = "open"
@@ -80,7 +88,23 @@ def test_no_import_cycles():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycles_not_even_for_annotations():
+    cycles = _cycles(_graph())
     assert not cycles, cycles
+
+
+def test_the_cycle_checker_sees_a_circle_made_under_type_checking(tmp_path):
+    known = {"evaluation.spec", "evaluation.runners"}
+    spec, runners = tmp_path / "spec.py", tmp_path / "runners.py"
+    spec.write_text("from . import runners\n")
+    runners.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .spec import AttackSpec\n")
+    graph = {"evaluation.spec": _imports("evaluation.spec", spec, known),
+             "evaluation.runners": _imports("evaluation.runners", runners, known)}
+    assert _cycles(graph) == [["evaluation.runners", "evaluation.spec", "evaluation.runners"]]
+    assert _imports("evaluation.runners", runners, known, typing=False) == set()
 
 
 def test_the_floor_checker_sees_lazy_and_relative_imports(tmp_path):
@@ -90,9 +114,9 @@ def test_the_floor_checker_sees_lazy_and_relative_imports(tmp_path):
                    "    from checkpoints.io import load_checkpoint\n")
     assert _imports("attacks.autoattack", src, known) == {"attacks", "attacks.rb_bridge", "checkpoints.io"}
     with open(src, "a") as f:
-        f.write("if TYPE_CHECKING:\n    from training import trainer\n")
+        f.write("if typing.TYPE_CHECKING:\n    from training import trainer\n")
     assert _imports("attacks.autoattack", src, known | {"training.trainer"}) == {"attacks", "attacks.rb_bridge",
-                                                                              "checkpoints.io"}
+                                                                              "checkpoints.io", "training.trainer"}
 
 
 def _sources() -> list[Path]:

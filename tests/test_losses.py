@@ -204,6 +204,40 @@ def test_kl_loss_matches_torch_kl_div_for_each_reduction():
     assert g_m.abs().max() > 1e-3 and g_n.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_one_kl_gives_the_bits_of_the_three_it_replaced(dtype):
+    """The TRADES attack objective, TRADES' loss term and MART's term all use ``losses.kl_divergence`` now;
+    each gives bitwise the values and gradients of the separate KL it had before (written out here)."""
+    from attacks import kl_objective
+    from training.methods import METHODS, LossSpec, mart_term, trades_attack
+
+    o_nat, o_adv = _logits(16, 10, seed=62, dtype=dtype), _logits(16, 10, seed=63, dtype=dtype)
+    y = torch.arange(16) % 10
+    # attacks.pgd.kl_objective was F.kl_div(log_softmax(adv), log_softmax(nat.detach()), log_target=True).sum(1)
+    old = F.kl_div(F.log_softmax(o_adv, 1), F.log_softmax(o_nat.detach(), 1), reduction="none", log_target=True)
+    for new in (kl_objective(o_nat)(o_adv, y), trades_attack(LossSpec.of("trades"), o_nat, None)(o_adv, y)):
+        assert torch.equal(new, old.sum(1))
+        assert torch.equal(*(torch.autograd.grad(v.sum(), o_adv, retain_graph=True)[0] for v in (new, old.sum(1))))
+    # the TRADES attack summed losses.kl_loss(nat, adv, reduction="sum") over the batch
+    old_sum = kl_loss(o_nat, o_adv, reduction="sum")
+    assert torch.equal(kl_objective(o_nat)(o_adv, y).sum(), old_sum)
+    # methods.mart_term computed its own KL from the log-probabilities it also weighs with (its old body)
+    spec = LossSpec.of("mart", kl_weight=6.0)
+    is_label = F.one_hot(y, 10).bool()
+    without_top = o_adv.scatter(1, o_adv.masked_fill(is_label, float("-inf")).argmax(1, keepdim=True), float("-inf"))
+    margin = torch.logsumexp(o_adv, 1) - torch.logsumexp(without_top, 1)
+    bce = F.cross_entropy(o_adv, y) + margin.mean()
+    log_p_nat, log_p_adv = F.log_softmax(o_nat, 1), F.log_softmax(o_adv, 1)
+    kl = (log_p_nat.exp() * (log_p_nat - log_p_adv)).sum(1)
+    old_kl = (kl * (1 - log_p_nat.gather(1, y[:, None]).squeeze(1).exp())).mean()
+    old_loss = bce + 6.0 * old_kl
+    new_loss, parts = mart_term(spec, o_nat, o_adv, y, None)
+    assert torch.equal(parts["kl"], old_kl.detach()) and torch.equal(new_loss, old_loss)
+    for a, b in zip(torch.autograd.grad(new_loss, (o_nat, o_adv)), torch.autograd.grad(old_loss, (o_nat, o_adv))):
+        assert torch.equal(a, b)
+    assert METHODS["mart"].loss(spec, o_nat, o_adv, y, None, 1)[0].item() == new_loss.item()
+
+
 def test_bad_options_and_shapes_are_rejected():
     o = torch.zeros(4, 10)
     for kw in (dict(normalize="pairs"), dict(reduction="avg"), dict(temperature=0.0),

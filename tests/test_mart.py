@@ -25,7 +25,7 @@ def test_mart_loss_and_gradients_equal_the_paper_formula():
     o_nat = (torch.randn(6, 10, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     o_adv = (torch.randn(6, 10, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     y = torch.tensor([0, 3, 3, 9, 1, 5])
-    ours, parts = METHODS["mart"].loss(LossSpec("mart", beta=6.0), o_nat, o_adv, y, None, 1)
+    ours, parts = METHODS["mart"].loss(LossSpec.of("mart", kl_weight=6.0), o_nat, o_adv, y, None, 1)
     want = mart_by_the_paper(o_nat, o_adv, y, beta=6.0)
     assert torch.allclose(ours, want, rtol=0, atol=1e-12)
     assert torch.allclose(ours, parts["bce"] + 6.0 * parts["kl"], rtol=0, atol=1e-12)
@@ -37,7 +37,7 @@ def test_mart_loss_and_gradients_equal_the_paper_formula():
 
 
 def test_mart_forwards_natural_then_adversarial_attacks_with_ce_and_uses_no_bank():
-    method, spec = METHODS["mart"], LossSpec("mart", beta=6.0)
+    method, spec = METHODS["mart"], LossSpec.of("mart", kl_weight=6.0)
     seen = []
     net = torch.nn.Linear(4, 3)
     hooked = torch.nn.Sequential(net)
@@ -53,7 +53,7 @@ def test_mart_two_view_batches_weigh_the_augmented_view():
     gen = torch.Generator().manual_seed(1)
     o_nat, o_adv = torch.randn(2, 8, 5, generator=gen, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    spec = LossSpec("mart", beta=6.0, aug_weight=0.5)
+    spec = LossSpec.of("mart", kl_weight=6.0, aug_weight=0.5)
     both, _ = METHODS["mart"].loss(spec, o_nat, o_adv, y, None, 2)
     basic, _ = METHODS["mart"].loss(spec, o_nat[:4], o_adv[:4], y[:4], None, 1)
     aug, _ = METHODS["mart"].loss(spec, o_nat[4:], o_adv[4:], y[4:], None, 1)

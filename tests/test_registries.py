@@ -66,7 +66,7 @@ def test_the_attack_table_decides_labels_families_and_white_box():
 
 def _cfg(**kw) -> TrainConfig:
     base = dict(dataset="digits", arch="tiny-cnn", eps=8 / 255, epochs=2, batch_size=8, lr=0.05, awp_gamma=0.005,
-                awp_warmup=1, averaging="step-ema", device="cpu", amp="off", alpha=20.0, beta=4.0)
+                awp_warmup=1, averaging="step-ema", device="cpu", amp="off", gkl_wmse_weight=20.0, gkl_ce_weight=4.0)
     return TrainConfig(**{**base, **kw}).validate()
 
 

@@ -54,7 +54,7 @@ def test_cifar100_presets_attack_with_both_terms(name):
     from training.methods import gkl_attack
 
     spec = LossSpec.from_config(preset(name))
-    assert (spec.attack_alpha, spec.attack_beta) == (1.0, 1.0)
+    assert (spec.params["attack_wmse_weight"], spec.params["attack_ce_weight"]) == (1.0, 1.0)
     o_nat, o_adv, scores = _logits()
     value = gkl_attack(spec, o_nat, scores)(o_adv, None)
     both = gkl_loss(o_nat, o_adv, alpha=1.0, beta=1.0, scores=scores, reduction="sum")[0]
@@ -66,18 +66,19 @@ def test_cifar100_presets_attack_with_both_terms(name):
 def test_attack_weights_are_flags_and_both_zero_is_refused():
     from errors import UserError
 
-    cfg = preset("cifar100-gkl", attack_alpha=0.5, attack_beta=2.0)
-    assert (LossSpec.from_config(cfg).attack_alpha, LossSpec.from_config(cfg).attack_beta) == (0.5, 2.0)
-    with pytest.raises(UserError, match="attack-alpha"):
-        preset("cifar10-gkl", attack_beta=0.0)
+    cfg = preset("cifar100-gkl", gkl_attack_wmse_weight=0.5, gkl_attack_ce_weight=2.0)
+    params = LossSpec.from_config(cfg).params
+    assert (params["attack_wmse_weight"], params["attack_ce_weight"]) == (0.5, 2.0)
+    with pytest.raises(UserError, match="attack-ce-weight"):
+        preset("cifar10-gkl", gkl_attack_ce_weight=0.0)
 
 
 # ------------------------------------------------------------------ item 2: two-view AWP proxy loss
 def _two_view_step(views: str):
     from training import engine
 
-    cfg = TrainConfig(dataset="digits", arch="small-cnn", augment="autoaug", awp_proxy_views=views, alpha=20.0,
-                      beta=4.0, gamma=1.0, aug_weight=0.5, batch_size=8, device="cpu", amp="off").validate()
+    cfg = TrainConfig(dataset="digits", arch="small-cnn", augment="autoaug", awp_proxy_views=views,
+                      gkl_wmse_weight=20.0, gkl_ce_weight=4.0, gkl_weight_exponent=1.0, aug_weight=0.5, batch_size=8, device="cpu", amp="off").validate()
     torch.manual_seed(0)
     m = engine.build_step(cfg, 10, torch.device("cpu"), n_views=2)
     m.awp.proxy.double().train()
@@ -96,8 +97,8 @@ def test_joint_proxy_loss_is_ce_plus_one_gkl_over_the_whole_batch():
     got = m.proxy_loss(x, x_adv, y, scores)[0]
     proxy = m.awp.proxy
     o_nat, o_adv = proxy(x), proxy(x_adv)  # train mode: each call its own batch statistics
-    want = F.cross_entropy(o_nat, y) + gkl_loss(o_nat, o_adv, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
-                                                scores=scores)[0]
+    want = F.cross_entropy(o_nat, y) + gkl_loss(o_nat, o_adv, alpha=cfg.gkl_wmse_weight, beta=cfg.gkl_ce_weight,
+                                                gamma=cfg.gkl_weight_exponent, scores=scores)[0]
     assert torch.allclose(got, want, rtol=1e-13, atol=0)
     split = _two_view_step("split")
     split_loss = split[1].proxy_loss(*split[2:])[0]
@@ -115,7 +116,7 @@ def test_trades_preset_is_the_released_trades_run(capsys):
     import train_at
 
     cfg = preset("cifar100-trades")
-    assert (cfg.trades_beta, cfg.lr_schedule, cfg.drop_last, cfg.epochs, cfg.awp_warmup) == (9.0, "cosine-trades",
+    assert (cfg.trades_kl_weight, cfg.lr_schedule, cfg.drop_last, cfg.epochs, cfg.awp_warmup) == (9.0, "cosine-trades",
                                                                                              True, 200, 10)
     from training.schedules import config_lr
 

@@ -16,7 +16,7 @@ from training.trainer import Trainer
 
 
 def tiny_config(**kw) -> TrainConfig:
-    base = dict(dataset="digits", arch="small-cnn", loss="gkl", alpha=20.0, beta=4.0, gamma=1.0, tau=4.0,
+    base = dict(dataset="digits", arch="small-cnn", loss="gkl", gkl_wmse_weight=20.0, gkl_ce_weight=4.0, gkl_weight_exponent=1.0, tau=4.0,
                 eps=16 / 255, epochs=4, batch_size=32, lr=0.05, awp_gamma=0.005, awp_warmup=1,
                 averaging="epoch-ema", avg_decay=0.5, val_size=1000, eval_subset=64, eval_pgd_steps=2,
                 device="cpu", amp="off", augment="crop")
@@ -81,7 +81,7 @@ def straight_line_step(model, x, y, v, *, eps, steps, step, alpha, beta, gamma, 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.4])
 def test_one_step_equals_straight_line_spec(tmp_path, gamma):
-    cfg = tiny_config(gamma=gamma, averaging="none")
+    cfg = tiny_config(gkl_weight_exponent=gamma, averaging="none")
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     torch.manual_seed(3)
     tr.bank.update(torch.randn(200, 10) * 3, torch.arange(200) % 10)  # a non-uniform bank
@@ -97,7 +97,7 @@ def test_one_step_equals_straight_line_spec(tmp_path, gamma):
     torch.manual_seed(11)
     tr.training_step(x, y, epoch, lr=cfg.lr)
     torch.manual_seed(11)
-    straight_line_step(reference, x, y, v, eps=eps_t, steps=5, step=eps_t / 2, alpha=cfg.alpha, beta=cfg.beta,
+    straight_line_step(reference, x, y, v, eps=eps_t, steps=5, step=eps_t / 2, alpha=cfg.gkl_wmse_weight, beta=cfg.gkl_ce_weight,
                        gamma=gamma, lr=cfg.lr, awp_gamma=cfg.awp_gamma, momentum=cfg.momentum, wd=cfg.weight_decay)
     got, want = tr.model.state_dict(), reference.state_dict()
     for k in want:

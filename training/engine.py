@@ -79,11 +79,11 @@ class StepModules:
 def build_step(cfg, num_classes: int, device: torch.device, *, n_views: int = 1, distributed: bool = False,
                amp: bool = False, world_size: int = 1) -> StepModules:
     """The model, optimiser, AWP proxy, bank, averager and loss modules of a run with config ``cfg``."""
-    from models import build_model
+    from models import build_model, parse_arch_kwargs
     from models.batchnorm import convert_ghost_batchnorm
 
     spec = LossSpec.from_config(cfg)
-    model = build_model(cfg.arch, num_classes).to(device)
+    model = build_model(cfg.arch, num_classes, **parse_arch_kwargs(cfg.arch_kwargs)).to(device)
     if cfg.sync_bn and distributed:
         model = convert_sync_batchnorm(model, device.type)
     # Before the AWP deepcopy: the released proxy was a DataParallel module too.
@@ -244,16 +244,32 @@ def train_one_epoch(step: Callable[[Tensor, Tensor, float], Tensor], batches: It
 
     ``after_step(k)`` runs after the k-th step of the epoch (1-based; logging, checkpoints, stop
     requests). Returns the epoch's sample-weighted metric averages over all processes (the meter
-    may hold earlier steps of the epoch, from before a resume) and ``time_s``.
+    may hold earlier steps of the epoch, from before a resume) and :func:`epoch_speed`'s figures.
     """
-    start = time.time()
+    device = meter.sums.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, images, steps = time.time(), 0, 0
     for position, (x, y) in enumerate(batches, start=first_step + 1):
         meter.add(step(x, y, lr_of_step(position - 1)), position)
+        images, steps = images + y.shape[0], steps + 1  # shapes are on the host: no device sync
         if after_step is not None:
             after_step(position)
-    metrics = meter.averages()
-    metrics["time_s"] = time.time() - start
+    metrics = meter.averages()  # its .item() waits for the device: the time below covers every step
+    metrics.update(epoch_speed(time.time() - start, steps, images, device))
     return metrics
+
+
+def epoch_speed(seconds: float, steps: int, images: int, device: torch.device) -> dict[str, float]:
+    """``time_s``; ``images_per_s`` over all processes (each view of a two-view batch counts) and the mean
+    ``step_time_s``, over the steps this process ran; on CUDA ``gpu_peak_mem_gb``, this process's peak
+    allocated memory (GiB) since the epoch (or resume) started. One collective per epoch, no per-step sync."""
+    total = dist_utils.all_reduce_sum(torch.tensor([float(images)], dtype=torch.float64, device=device)).item()
+    speed = {"time_s": seconds, "images_per_s": total / seconds if seconds > 0 else 0.0,
+             "step_time_s": seconds / steps if steps else 0.0}
+    if device.type == "cuda":
+        speed["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return speed
 
 
 @torch.no_grad()

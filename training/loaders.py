@@ -11,7 +11,8 @@ from typing import Union
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from data import NUM_CLASSES, EpochBatchSampler, SeededDataset, build_dataset, eval_transform, train_transform
+from data import (NUM_CLASSES, EpochBatchSampler, SeededDataset, build_dataset, eval_transform, image_shape_of,
+                  train_transform)
 from errors import UserError
 
 VAL_SPLIT_SEED = 12345  # fixed, so every run of a dataset holds out the same images
@@ -64,14 +65,15 @@ def _check_last_batch(images: int, world_size: int) -> None:
 def build_training_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainingData:
     """Training loader and held-out set of a run with config ``cfg`` (this rank's share of each batch)."""
     n_views = 2 if cfg.augment == "autoaug" else 1
-    full_train = build_dataset(cfg.dataset, True, cfg.data_dir, cfg.download, train_transform(cfg.augment))
+    size = image_shape_of(cfg.dataset, cfg.data_dir)[1:]  # random crops keep the data set's image size
+    full_train = build_dataset(cfg.dataset, True, cfg.data_dir, cfg.download, train_transform(cfg.augment, size))
     plain_train = build_dataset(cfg.dataset, True, cfg.data_dir, False, eval_transform())
     train_idx, val_idx = split_train_val(len(full_train), cfg.val_size)
     train_set: Dataset = Subset(full_train, train_idx)
     if cfg.generated:
         from data.generated import GeneratedDataset, MixedBatchSampler
 
-        gen = GeneratedDataset(cfg.generated, transform=train_transform(cfg.augment))
+        gen = GeneratedDataset(cfg.generated, transform=train_transform(cfg.augment, size))
         if gen.num_classes != NUM_CLASSES[cfg.dataset]:
             raise UserError(f"--generated {cfg.generated} has {gen.num_classes} classes but --dataset "
                             f"{cfg.dataset} has {NUM_CLASSES[cfg.dataset]}: convert the matching generated set")

@@ -1,4 +1,9 @@
-"""Per-epoch log rows: kept in memory (and in every checkpoint), written as CSV, plotted."""
+"""Per-epoch log rows: kept in memory (and in every checkpoint), written as CSV, plotted, tracked.
+
+Every column of ``log.csv`` but ``epoch`` is also a tracker scalar (:func:`epoch_scalars`) at step
+``epoch``, under the tag ``GROUP/NAME`` (:func:`scalar_tag`): ``train/loss`` for ``train_loss``,
+``val/pgd_avg`` (or ``seen/pgd_avg``) for ``val_pgd_avg``, ``run/lr`` for ``lr``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +11,21 @@ from pathlib import Path
 import pandas as pd
 
 from core.files import atomic_write
+
+# train_* columns that are not a loss part or an accuracy: timing, throughput and memory of the epoch
+SPEED_COLUMNS = ("train_time_s", "train_images_per_s", "train_step_time_s", "train_gpu_peak_mem_gb")
+_GROUPS = ("train", "val", "seen")
+
+
+def scalar_tag(column: str) -> str:
+    """The tracker tag of a ``log.csv`` column: ``train_loss`` -> ``train/loss``, ``lr`` -> ``run/lr``."""
+    group, _, name = column.partition("_")
+    return f"{group}/{name}" if group in _GROUPS and name else f"run/{column}"
+
+
+def epoch_scalars(row: dict) -> dict[str, float]:
+    """A log row's numbers by tracker tag (every column but ``epoch``, which is the step)."""
+    return {scalar_tag(k): float(v) for k, v in row.items() if k != "epoch"}
 
 
 class History:
@@ -35,7 +55,8 @@ class History:
 
         df = pd.DataFrame(self.rows)
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        parts = [c for c in df.columns if c.startswith("train_") and not c.startswith(("train_acc", "train_time"))]
+        parts = [c for c in df.columns
+                 if c.startswith("train_") and not c.startswith("train_acc") and c not in SPEED_COLUMNS]
         for col in parts:  # the loss and the parts the run's method logs
             if df[col].abs().sum() > 0:
                 axes[0].plot(df.epoch, df[col], label=col.removeprefix("train_"))

@@ -28,15 +28,17 @@ from core import distributed as dist_utils
 from core.device import resolve_device
 from core.files import atomic_copy
 from core.provenance import code_version
+from core.tracking import make_tracker
 from core.threat import eps_text
-from data import NUM_CLASSES
+from data import NUM_CLASSES, image_shape_of
 from data.sampler import epoch_seed
 from errors import UserError
+from models import check_output
 
 from . import engine
 from .config import TrainConfig, save_config
 from .loaders import VAL_SPLIT_SEED, build_training_data  # noqa: F401  (VAL_SPLIT_SEED: API)
-from .logging import History
+from .logging import History, epoch_scalars
 from .schedules import AttackBudget, attack_budget, config_lr, config_momentum
 
 CHECKPOINT_FORMAT = "gkl-at/1"
@@ -85,10 +87,12 @@ class Trainer:
         self.modules = engine.build_step(cfg, self.num_classes, self.device, n_views=self.n_views,
                                          distributed=self.dist.enabled, amp=self.amp,
                                          world_size=self.dist.world_size)
+        check_output(self.modules.model, image_shape_of(cfg.dataset, cfg.data_dir), self.num_classes, cfg.arch)
         m = self.modules  # the pieces a step touches, under their usual names
         self.spec, self.model, self.optimizer, self.awp = m.spec, m.model, m.optimizer, m.awp
         self.bank, self.averager = m.bank, m.averager
         self.history = History(self.run_dir / "log.csv")
+        self.tracker = make_tracker(cfg.tracker if self.dist.is_main else "none", self.run_dir, config=cfg.to_dict())
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best: dict = {"metric": -1.0, "epoch": 0}
         self.meter = engine.EpochMeter(m.metric_names, self.device)
@@ -194,6 +198,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        self.tracker.start(first_step=self.epoch + 1)  # hides points an interrupted process logged past the checkpoint
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._on_signal)
@@ -214,6 +219,7 @@ class Trainer:
                 self.epoch, self.step_in_epoch = epoch, 0
                 self.meter.reset()
                 self.history.append(row)
+                self.tracker.log(epoch_scalars(row), step=epoch)  # before the checkpoint: see start()
                 is_best = self._update_best(row)
                 self.save(epoch_end=True, is_best=is_best)
                 if self.dist.is_main:
@@ -223,6 +229,7 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            self.tracker.close()
         if self.dist.is_main:
             self.history.plot(self.run_dir / "training_curves.png")
         return self.history.rows
