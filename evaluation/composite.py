@@ -43,7 +43,7 @@ def composite_markdown(result: SuiteResult, heading: str = "## AutoAttack and MA
         return []
     labels = {a.name: a.label for a in result.settings.attacks}
     lines = [f"{heading}: worst case and who found the extra points", "",
-             "| eps | AutoAttack | MALT | robust (%) | MALT robust (%) | both (%) | broken only by MALT | "
+             "| eps | AutoAttack | MALT | AutoAttack robust (%) | MALT robust (%) | both (%) | broken only by MALT | "
              "broken only by AutoAttack |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = max(r["n"], 1)
