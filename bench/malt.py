@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS_RUNS = {"small-cnn-pgd-at": ("small-cnn", "pgd-at"), "small-cnn-gkl": ("small-cnn", "gkl"),
                "wrn-10-1-pgd-at": ("wrn-10-1", "pgd-at"), "wrn-10-1-gkl": ("wrn-10-1", "gkl")}
 MODELS = (*DIGITS_RUNS, "pairs")
-ATTACKS = ("malt", "aa:apgd-t", "aa")
+BASELINES = ("aa:apgd-t", "aa")
 TARGET_GAP, TARGET_RATIO = 0.5, 0.3
 RUN_CONFIG = """dataset: digits
 augment: crop
@@ -133,13 +133,13 @@ def model_and_points(work: Path, name: str, n: int) -> tuple[torch.nn.Module, to
     if name == "pairs":
         x, y = pair_images("test", n, seed=7)
         return pairs_model(work), x, y, 16 / 255
-    x, y = load_eval_data("digits", "test", None, n)
+    x, y = load_eval_data("digits", "test", n_ex=n)
     return digits_model(work, name), x, y, 16 / 255
 
 
 # ------------------------------------------------------------------------------------------ timing
 def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, attack: str, norm: str,
-               chunk: int) -> dict[str, Any]:
+               chunk: int, seed: int) -> dict[str, Any]:
     """One suite run of ``attack``: flags, wall and CPU seconds (and MALT's breaks per target rank)."""
     from evaluation import SuiteSettings, malt_runner, run_suite
 
@@ -151,7 +151,7 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
         per_rank.append(result.successes_per_rank())
         return result
 
-    settings = SuiteSettings.build([eps], [attack], norm=norm, batch_size=250, chunk_size=chunk)
+    settings = SuiteSettings.build([eps], [attack], norm=norm, batch_size=250, chunk_size=chunk, seed=seed)
     malt_runner.malt = observed
     try:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -160,23 +160,24 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     finally:
         malt_runner.malt = original
     ranks = [sum(column) for column in zip(*per_rank)] if per_rank else []
-    return {"robust": result.robust(eps, attack), "clean": result.clean, "wall": wall, "cpu": cpu,
+    return {"robust": result.robust(eps, settings.attacks[-1].name), "clean": result.clean, "wall": wall, "cpu": cpu,
             "per_rank": ranks, "warnings": result.warnings}
 
 
-def compare(work: Path, name: str, n: int, norm: str, eps_text: str | None, chunk: int) -> dict[str, Any]:
+def compare(work: Path, name: str, n: int, norm: str, eps_text: str | None, chunk: int, malt: str,
+            seed: int) -> dict[str, Any]:
     from core.threat import parse_eps
 
     model, x, y, eps = model_and_points(work, name, n)
     if eps_text is not None or norm != "Linf":
         eps = parse_eps(eps_text or "1.5", norm)
     runs = {}
-    for attack in ATTACKS:
-        runs[attack] = run_attack(model, x, y, eps, attack, norm, chunk)
-        r = runs[attack]
+    for attack in (malt, *BASELINES):
+        r = runs["malt" if attack == malt else attack] = run_attack(model, x, y, eps, attack, norm, chunk, seed)
         print(f"{name} {attack}: robust {r['robust'].float().mean():.2%}, {r['wall']:.0f} s wall, {r['cpu']:.0f} s "
               f"cpu{'; ranks ' + str(r['per_rank']) if r['per_rank'] else ''}", file=sys.stderr, flush=True)
-    return {"model": name, "n": n, "eps": eps, "norm": norm, "classes": int(model(x[:1]).shape[1]), "runs": runs}
+    return {"model": name, "n": n, "eps": eps, "norm": norm, "classes": int(model(x[:1]).shape[1]), "runs": runs,
+            "malt": malt}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -187,17 +188,17 @@ def _pct(flags: torch.Tensor) -> float:
 def row(c: dict[str, Any]) -> str:
     from core.threat import eps_text
 
-    malt, apgdt, aa = (c["runs"][a] for a in ATTACKS)
+    malt, apgdt, aa = (c["runs"][a] for a in ("malt", *BASELINES))
     m, t, a = malt["robust"], apgdt["robust"], aa["robust"]
     gap = _pct(m) - _pct(a)
-    return (f"| {c['model']} ({c['classes']} cl.) | {eps_text(c['eps'], c['norm'])} | {c['n']} | {_pct(aa['clean']):.1f} "
+    return (f"| {c['model']} ({c['classes']} cl.) | {c['malt']} | {eps_text(c['eps'], c['norm'])} | {c['n']} | {_pct(aa['clean']):.1f} "
             f"| {_pct(a):.2f} | {_pct(t):.2f} | {_pct(m):.2f} | **{gap:+.2f}** | {_pct(a & m):.2f} | "
             f"{int((a & ~m).sum())} / {int((m & ~a).sum())} | {int((t & ~m).sum())} / {int((m & ~t).sum())} | "
             f"{' / '.join(map(str, malt['per_rank']))} | {malt['wall']:.0f} / {apgdt['wall']:.0f} / {aa['wall']:.0f} | "
             f"**{malt['wall'] / aa['wall']:.2f}** / {malt['cpu'] / aa['cpu']:.2f} | {malt['cpu'] / apgdt['cpu']:.2f} |")
 
 
-HEADER = ("| model | eps | n | clean % | AA % | APGD-T % | MALT % | MALT - AA (pts) | worst(AA, MALT) % | "
+HEADER = ("| model | MALT | eps | n | clean % | AA % | APGD-T % | MALT % | MALT - AA (pts) | worst(AA, MALT) % | "
           "only MALT broke / only AA broke | only MALT / only APGD-T | MALT breaks per target rank | "
           "wall s MALT / APGD-T / AA | MALT / AA time (wall / CPU) | MALT / APGD-T CPU |")
 
@@ -210,7 +211,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"## `python -m bench.malt {' '.join(args.argv)}`", "",
              f"Machine: {os.cpu_count()}-core {platform.machine()}, CPU, torch {torch.__version__}, 1 thread, "
              f"float32, load average at the end {load:.1f} (shared with other jobs). Each attack runs once per model, "
-             f"in the order {', '.join(ATTACKS)}, chunk size {args.chunk_size}, seed 0.", "",
+             f"in the order {args.malt}, {', '.join(BASELINES)}, chunk size {args.chunk_size}, seed {args.seed}.", "",
              HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     lines += [row(c) for c in rows]
     lines += ["", f"Target (MALT - AA <= +{TARGET_GAP} points at a CPU-time ratio <= {TARGET_RATIO}) met on "
@@ -227,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--norm", choices=("Linf", "L2"), default="Linf")
     p.add_argument("--eps", default=None, help="radius in the norm's notation (default 16/255, pairs 16/255; L2 1.5)")
     p.add_argument("--chunk-size", type=int, default=500)
+    p.add_argument("--malt", default="malt", help="the MALT variant, e.g. malt:k=9 (default malt: k=3)")
+    p.add_argument("--seed", type=int, default=0, help="the suite seed (every attack's)")
     p.add_argument("--append", action="store_true", help="append to results/malt.md instead of starting it")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(1)
-    rows = [compare(Path(args.work), name, args.n, args.norm, args.eps, args.chunk_size) for name in args.models]
+    rows = [compare(Path(args.work), name, args.n, args.norm, args.eps, args.chunk_size, args.malt,
+                    args.seed) for name in args.models]
     text = report(rows, args)
     print(text)
     previous = RESULTS.read_text() if args.append and RESULTS.is_file() else "# MALT beside AutoAttack\n\n"
