@@ -2,6 +2,7 @@
 from .checks import sanity_checks
 from .corruptions import CorruptionSettings, run_corruptions
 from .inputs import load_eval_data
+from .malt_runner import MALT  # noqa: F401  (registers the malt attack in spec.ATTACKS)
 from .report import (
            environment_info,
            report_dict,

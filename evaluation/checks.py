@@ -36,7 +36,7 @@ def monotone_in_eps(result: "SuiteResult") -> list[str]:
 
 
 def autoattack_not_weaker(result: "SuiteResult") -> list[str]:
-    """AutoAttack (white-box) accuracy must be <= every PGD/CW accuracy at the same eps."""
+    """AutoAttack (white-box) and MALT accuracy must be <= every PGD/CW accuracy at the same eps."""
     specs = result.settings.attacks
     autoattacks = [a for a in specs if a.family == "autoattack" and a.white_box]
     iteratives = [a for a in specs if a.family == "iterative"]
@@ -47,7 +47,7 @@ def autoattack_not_weaker(result: "SuiteResult") -> list[str]:
                 acc_aa, acc_it = result.accuracy(eps, aa.name), result.accuracy(eps, it.name)
                 if acc_aa > acc_it:
                     messages.append(f"{aa.label} {_pct(acc_aa)} is above {it.label} {_pct(acc_it)} at "
-                                    f"{eps_text(eps, norm)}: AutoAttack should be the stronger attack (gradient "
+                                    f"{eps_text(eps, norm)}: {aa.label} should be the stronger attack (gradient "
                                     "masking, or a randomised model?)")
     return messages
 

@@ -24,6 +24,7 @@ from core.provenance import now_iso, package_versions
 from core.threat import eps_text
 from errors import UserError
 
+from .composite import composite_markdown, composite_rows
 from .results import SuiteResult, SuiteSettings
 from .spec import ATTACKS
 from .stats import ci_cell, per_class, per_class_frame, per_class_markdown, wilson
@@ -131,12 +132,14 @@ def report_dict(result: SuiteResult, meta: Optional[dict[str, Any]] = None) -> d
     for eps in result.settings.eps:
         per_sample[eps_text(eps, norm)] = {n: _bits(result.robust(eps, n))
                                            for n in _with_worst(result)}
+    composite = composite_rows(result)
     return {"created": now_iso(),
             "settings": result.settings.as_dict(), **(meta or {}),
             "n": result.n, "clean_accuracy": result.clean.float().mean().item(),
             "clean_count": int(result.clean.sum()), "clean_ci95": list(wilson(int(result.clean.sum()), result.n)),
             "intervals": "ci95: 95% Wilson score interval of the accuracy over the n points",
             "results": rows, "per_class": per_class(result), "warnings": list(result.warnings),
+            **({"autoattack_and_malt": composite} if composite else {}),
             "per_sample_note": "strings of 0/1 per evaluated point, in data order", "per_sample": per_sample}
 
 
@@ -179,6 +182,7 @@ def markdown_report(result: SuiteResult, meta: Optional[dict[str, Any]] = None) 
                   _markdown_table(table_eps(result, ci=True)), ""]
         lines += ["## Robust accuracy (%) per attack (Table 15 layout)", "",
                   _markdown_table(table_attacks(result, ci=True)), ""]
+        lines += composite_markdown(result)
         lines += per_class_markdown(per_class(result))
     else:
         lines += [f"No eps attack ran: clean accuracy {ci_cell(int(result.clean.sum()), result.n)} % over "

@@ -25,6 +25,7 @@ from .report import (
     table_attacks,
     table_eps,
 )
+from .composite import composite_markdown
 from .results import SuiteResult
 from .stats import per_class, per_class_frame, per_class_markdown
 
@@ -53,6 +54,7 @@ class NormSection:
                  _markdown_table(table_eps(r, ci=True)), "",
                  f"### {s.norm}: robust accuracy (%) per attack (Table 15 layout)", "",
                  _markdown_table(table_attacks(r, ci=True)), ""]
+        lines += composite_markdown(r, heading=f"### {s.norm}: AutoAttack and MALT")
         lines += per_class_markdown(per_class(r), heading=f"### {s.norm}: per class")
         lines += [f"### {s.norm}: sanity checks", ""]
         lines += [f"- WARNING: {w}" for w in r.warnings] or ["- all passed"]

@@ -15,6 +15,8 @@ from core.threat import eps_text
 from data.corruptions import CORRUPTIONS, FOLDERS, SEVERITIES
 from errors import UserError
 
+from .external import External, external_from_report
+
 if TYPE_CHECKING:
     from evaluation.report import EvalReport
 
@@ -41,6 +43,7 @@ class Figures:
     norm: str
     source: str
     implementation: Optional[str] = None  # the AutoAttack that measured ``autoattack`` (package, version, source)
+    external: Optional[External] = None  # worst case over AutoAttack and MALT, when below AutoAttack
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ def figures_from_report(report: "EvalReport", *, dataset: str, norm: str, eps: f
                         f"run eval_autoattack.py SOURCE --norm {norm} --eps {text} --attacks aa, or pass --eps")
     n = part.n if part.n is not None else (row.n or 0)
     return Figures(clean=part.clean_accuracy, autoattack=row.robust_accuracy, n=int(n), eps=eps, norm=norm,
-                   source=str(path), implementation=_autoattack_summary(report.raw))
+                   source=str(path), implementation=_autoattack_summary(report.raw),
+                   external=external_from_report(part, eps))
 
 
 def _autoattack_summary(raw: dict) -> Optional[str]:

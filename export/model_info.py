@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 MODEL_INFO_FIELDS: dict[str, str] = {
     "link": "str", "name": "str", "authors": "str", "additional_data": "bool",
     "number_forward_passes": "int", "dataset": "str", "venue": "str", "architecture": "str",
-    "eps": "str", "clean_acc": "pct", "reported": "pct", "autoattack_acc": "pct",
+    "eps": "str", "clean_acc": "pct", "reported": "pct", "autoattack_acc": "pct", "external": "pct?",
     "footnote": "str?", "unreliable": "bool",
     "autoattack_implementation": "str?",  # not RobustBench's: which AutoAttack measured autoattack_acc
 }
@@ -93,8 +93,12 @@ def build_model_info(card: ModelCard, *, dataset: str, architecture: str, eps: f
         "dataset": dataset, "venue": card.venue, "architecture": architecture, "eps": eps_text(eps, norm),
         "clean_acc": pct(figures.clean) if figures else None, "reported": reported,
         "autoattack_acc": pct(figures.autoattack) if figures else None}
-    if card.footnote:
-        info["footnote"] = card.footnote
+    external = figures.external if figures else None
+    if external is not None:
+        info["external"] = pct(external.accuracy)
+    footnote = " ".join(t for t in (card.footnote, external.footnote() if external else None) if t)
+    if footnote:
+        info["footnote"] = footnote
     info["unreliable"] = False
     return info
 
@@ -124,7 +128,7 @@ def validate_model_info(info: Mapping[str, Any], *, evaluated: bool = True, boar
                 problems.append(f"missing field {key!r}")
             continue
         value = info[key]
-        if kind == "pct":
+        if kind in ("pct", "pct?"):
             if value is None and not evaluated:
                 continue
             if not isinstance(value, str) or not _is_percentage(value):

@@ -317,6 +317,13 @@ def _notes(req: ExportRequest, plan: _Plan, claims: Mapping[str, Mapping[str, An
             notes.append(f"{board.board} accuracies come from {figures_n} images; RobustBench uses all {full}"
                          + (" per corruption and severity" if board.board == CORRUPTIONS_BOARD else "")
                          + ": evaluate without --n-ex (or --claim with the default --claim-n) before submitting")
+        external = evaluated.external if isinstance(evaluated, Figures) else None
+        if external is not None:
+            notes.append(f"{board.board}: {external.attack} broke {external.only_malt_broke} point(s) that standard "
+                         f"AutoAttack left robust (AutoAttack broke {external.only_autoattack_broke} MALT left "
+                         f"robust): " + ("the claim ran AutoAttack only, so model_info has no external figure"
+                                         if claim else f"model_info external {pct(external.accuracy)} beside "
+                                         f"autoattack_acc {pct(evaluated.autoattack)}, named in the footnote"))
         if claim and evaluated:
             notes.append(f"{board.board} claim (RobustBench, n={claim['n_examples']}): "
                          f"{_figure_line(_claim_figures(claim, board))}; eval_autoattack: {_figure_line(evaluated)}; "

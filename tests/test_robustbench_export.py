@@ -131,7 +131,7 @@ def test_export_from_run_loads_strictly_with_equal_logits(runs, family, tmp_path
 
     info = json.loads((out / "model_info" / dataset / "Linf" / "Test2024GKL_small.json").read_text())
     assert rbx.validate_model_info(info) == []
-    assert list(info) == [k for k in rbx.MODEL_INFO_FIELDS if k != "footnote"]
+    assert list(info) == [k for k in rbx.MODEL_INFO_FIELDS if k not in ("footnote", "external")]
     assert info["autoattack_implementation"] == json.loads((run / "eval" / "report.json").read_text())[
         "environment"]["autoattack"]["summary"]
     expected_arch = "WideResNet-10-1" if family == "wrn" else "WideResNet-16-4"
